@@ -1,0 +1,39 @@
+"""The `partial-fc` command: one entry point, a subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from partial_fc import __version__
+from partial_fc.cli import bench, demo
+from partial_fc.cli.common import fail
+from partial_fc.errors import PartialFCError
+
+SUBCOMMANDS = {
+    "demo": (demo, "train a small network and the Partial FC head on generated identities"),
+    "bench": (bench, "benchmarks (bench head ...)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="partial-fc", description="Partial FC face-recognition training")
+    parser.add_argument("--version", action="version", version=f"partial-fc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _ = SUBCOMMANDS[args.command]
+    try:
+        return module.run(args)
+    except PartialFCError as error:
+        return fail(str(error))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Communication layer: one `Communicator` interface over Horovod, torch.distributed and a single process."""
+
+from __future__ import annotations
+
+from partial_fc.comm.base import Communicator, ReduceOp
+from partial_fc.comm.launch import BACKENDS, LaunchInfo, choose_backend, detect_launch
+from partial_fc.comm.single import SingleProcessCommunicator
+
+__all__ = [
+    "BACKENDS",
+    "Communicator",
+    "LaunchInfo",
+    "ReduceOp",
+    "SingleProcessCommunicator",
+    "choose_backend",
+    "detect_launch",
+    "get_communicator",
+]
+
+_current: Communicator | None = None
+
+
+def get_communicator(backend: str = "auto") -> Communicator:
+    """The process's communicator, created on first use for `backend` ('auto' reads the launch environment)."""
+    global _current
+    name = choose_backend(backend)
+    if _current is not None:
+        if _current.name != name:
+            raise RuntimeError(f"communicator already initialised as {_current.name!r}, cannot switch to {name!r}")
+        return _current
+    if name == "horovod":
+        from partial_fc.comm.horovod_backend import HorovodCommunicator
+
+        _current = HorovodCommunicator()
+    elif name == "torch":
+        from partial_fc.comm.torch_dist import TorchDistributedCommunicator
+
+        _current = TorchDistributedCommunicator()
+    else:
+        _current = SingleProcessCommunicator()
+    return _current

@@ -1,0 +1,51 @@
+"""The Horovod backend (horovodrun with MPI or Gloo, or mpirun)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from partial_fc.comm.base import Communicator, ReduceOp
+
+
+class HorovodCommunicator(Communicator):
+    """Collectives through horovod.torch; Horovod gathers tensors of different first dimensions natively."""
+
+    name = "horovod"
+
+    def __init__(self) -> None:
+        import horovod.torch as hvd
+
+        hvd.init()
+        self.hvd = hvd
+        self._ops = {ReduceOp.SUM: hvd.Sum, ReduceOp.MAX: hvd.Max}
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.device)
+
+    @property
+    def rank(self) -> int:
+        return self.hvd.rank()
+
+    @property
+    def world_size(self) -> int:
+        return self.hvd.size()
+
+    @property
+    def local_rank(self) -> int:
+        return self.hvd.local_rank()
+
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM) -> torch.Tensor:
+        return self.hvd.allreduce_(tensor, op=self._ops[op])
+
+    def all_gather(self, tensor: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
+        return self.hvd.allgather(tensor.contiguous())
+
+    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        return self.hvd.broadcast_(tensor, root_rank=root)
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        return self.hvd.broadcast_object(obj, root_rank=root)
+
+    def barrier(self) -> None:
+        self.hvd.barrier()

@@ -1,0 +1,9 @@
+"""Exceptions the project raises for bad input, so callers and launchers can tell them from bugs."""
+
+
+class PartialFCError(Exception):
+    """Base of every error partial_fc raises on purpose."""
+
+
+class InputError(PartialFCError, ValueError):
+    """A tensor, label or argument handed to partial_fc is invalid; the message names the value."""

@@ -1,0 +1,220 @@
+"""The Partial FC head: this rank's shard of class centers, sampling, and the sharded margin softmax loss.
+
+Constructor and call match arcface_torch's PartialFC_V2:
+`PartialFC(margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False)(local_embeddings, local_labels)`.
+The centers are updated by `SparseSGD(head, lr, momentum, weight_decay)` on the rows sampled in the step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from partial_fc.comm import Communicator, get_communicator
+from partial_fc.errors import InputError
+from partial_fc.heads.margins import as_margin
+from partial_fc.heads.sampling import RowUpdater, SampledRows, sample_centers
+from partial_fc.heads.sharded_softmax import ShardedMarginSoftmaxLoss
+from partial_fc.heads.sharding import shard_range
+
+# Forward passes whose sampled rows may wait for SparseSGD.step(); more means nobody is updating the centers.
+MAX_PENDING_STEPS = 64
+
+# Per-rank batch facts gathered before any other collective, so every rank can reject bad input together.
+_FACTS = ("batch", "width", "labels", "finite", "min_label", "max_label", "integer_labels")
+
+
+# Centers are initialised in blocks of this many global classes, each from its own seed.
+INIT_BLOCK_ROWS = 16384
+
+
+def initialise_centers(weight: torch.Tensor, class_start: int, seed: int, std: float) -> None:
+    """Fill a shard with N(0, std) rows that depend only on their global class ids and `seed`.
+
+    Every world size therefore starts from the same centers: a run on 2 ranks and one on 3 are comparable.
+    """
+    end = class_start + weight.shape[0]
+    for block in range(class_start // INIT_BLOCK_ROWS, (end - 1) // INIT_BLOCK_ROWS + 1):
+        block_start = block * INIT_BLOCK_ROWS
+        generator = torch.Generator().manual_seed(_rank_seed(seed, -1 - block))
+        values = torch.randn((INIT_BLOCK_ROWS, weight.shape[1]), generator=generator).mul_(std)
+        lo, hi = max(class_start, block_start), min(end, block_start + INIT_BLOCK_ROWS)
+        weight[lo - class_start : hi - class_start] = values[lo - block_start : hi - block_start]
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Distinct, reproducible sampling streams per rank (identical seeds would correlate the shards' negatives)."""
+    return (seed * 1_000_003 + rank * 7919 + 12345) % (2**63 - 1)
+
+
+class PartialFC(nn.Module):
+    """Sharded class centers with sampled margin softmax; `forward` returns the mean loss over the global batch.
+
+    Keyword options: `comm` (defaults to the launch's communicator), `storage_dtype` of centers and
+    momentum (float32, bfloat16, float16 or float64), `seed` of the negative sampling, `init_std`.
+    """
+
+    def __init__(
+        self,
+        margin_loss: Any,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        fp16: bool = False,
+        *,
+        comm: Communicator | None = None,
+        storage_dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        init_std: float = 0.01,
+        chunk_rows: int = 8192,
+    ) -> None:
+        super().__init__()
+        self.comm = comm if comm is not None else get_communicator()
+        self._check_arguments(embedding_size, num_classes, sample_rate, storage_dtype)
+        self.margin = as_margin(margin_loss)
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.sample_rate = float(sample_rate)
+        self.fp16 = bool(fp16)
+        self.chunk_rows = int(chunk_rows)
+        self.class_start, self.num_local = shard_range(self.num_classes, self.comm.world_size, self.comm.rank)
+        self.num_sample = max(1, int(self.sample_rate * self.num_local))
+        device = self.comm.device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(_rank_seed(seed, self.comm.rank))
+        weight = torch.empty((self.num_local, self.embedding_size), dtype=storage_dtype, device=device)
+        initialise_centers(weight, self.class_start, seed, init_std)
+        self.register_buffer("weight", weight)
+        self._sampled: list[SampledRows] = []
+        self.row_updater: RowUpdater | None = None  # set by SparseSGD when it updates rows during backward
+        self._grad_anchor = torch.zeros((), requires_grad=True)
+        self.workspace = torch.empty((self.chunk_rows, self.embedding_size), dtype=self.working_dtype, device=device)
+
+    @property
+    def working_dtype(self) -> torch.dtype:
+        """The dtype of the head's arithmetic: float32, or float64 when the centers are stored in float64."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
+    def _check_arguments(self, embedding_size, num_classes, sample_rate, storage_dtype) -> None:
+        """Validate on every rank after one collective, so a bad or mismatched value fails all ranks alike."""
+
+        def number(value: Any) -> float:
+            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+        values = torch.tensor([number(embedding_size), number(num_classes), number(sample_rate)], dtype=torch.float64)
+        every = self.comm.all_gather(values.to(self.comm.device).unsqueeze(0), sizes=[1] * self.comm.world_size)
+        names = ("embedding_size", "num_classes", "sample_rate")
+        for column, name in enumerate(names):
+            column_values = every[:, column].tolist()
+            if any(v != column_values[0] and not (math.isnan(v) and math.isnan(column_values[0])) for v in column_values):
+                listing = ", ".join(f"rank {r}: {v:g}" for r, v in enumerate(column_values))
+                raise InputError(f"PartialFC {name} differs between ranks ({listing})")
+        if not (isinstance(embedding_size, int) and embedding_size > 0):
+            raise InputError(f"PartialFC embedding_size={embedding_size!r} must be a positive integer")
+        if not (isinstance(num_classes, int) and num_classes > 0):
+            raise InputError(f"PartialFC num_classes={num_classes!r} must be a positive integer")
+        if num_classes < self.comm.world_size:
+            raise InputError(
+                f"PartialFC num_classes={num_classes} is fewer than the {self.comm.world_size} ranks: "
+                "every rank needs at least one class center"
+            )
+        if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
+            raise InputError(f"PartialFC sample_rate={sample_rate!r} must lie in (0, 1]")
+        if storage_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise InputError(f"PartialFC storage_dtype={storage_dtype} must be float32, float64, bfloat16 or float16")
+
+    def _gather_batch_facts(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """All ranks' batch sizes, after checking every rank's batch; raises the same InputError on every rank."""
+        device = self.comm.device
+        width = embeddings.shape[1] if embeddings.dim() == 2 else -1
+        integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
+        flat = labels.reshape(-1)
+        empty = flat.numel() == 0 or not integer
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        facts = torch.stack(
+            [
+                torch.tensor(embeddings.shape[0] if embeddings.dim() else 0, device=device),
+                torch.tensor(width, device=device),
+                torch.tensor(flat.numel(), device=device),
+                torch.isfinite(embeddings).all().to(device=device, dtype=torch.int64),
+                zero if empty else flat.min().to(device=device, dtype=torch.int64),
+                zero if empty else flat.max().to(device=device, dtype=torch.int64),
+                torch.tensor(int(integer), device=device),
+            ]
+        ).to(torch.int64)
+        every = self.comm.all_gather(facts.unsqueeze(0), sizes=[1] * self.comm.world_size).tolist()
+        for rank, row in enumerate(every):
+            fact = dict(zip(_FACTS, row))
+            where = f"PartialFC input on rank {rank}"
+            if fact["width"] != self.embedding_size:
+                raise InputError(f"{where}: embeddings must be [batch, {self.embedding_size}], got width {fact['width']}")
+            if not fact["integer_labels"]:
+                raise InputError(f"{where}: labels must be an integer tensor")
+            if fact["labels"] != fact["batch"]:
+                raise InputError(f"{where}: {fact['labels']} labels for {fact['batch']} embeddings")
+            if not fact["finite"]:
+                raise InputError(f"{where}: embeddings contain NaN or infinity")
+            for key in ("min_label", "max_label"):
+                if fact["batch"] and not 0 <= fact[key] < self.num_classes:
+                    raise InputError(f"{where}: label {fact[key]} is outside [0, {self.num_classes})")
+        sizes = [int(row[0]) for row in every]
+        if sum(sizes) == 0:
+            raise InputError("PartialFC input: every rank's batch is empty")
+        return sizes
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Gather the batch from every rank, sample centers, and return the global mean margin-softmax loss."""
+        sizes = self._gather_batch_facts(local_embeddings, local_labels)
+        labels = self.comm.all_gather(local_labels.reshape(-1).to(device=self.comm.device, dtype=torch.int64), sizes)
+        embeddings = self.comm.all_gather_with_grad(local_embeddings.to(self.working_dtype), sizes)
+        sampled = sample_centers(labels, self.class_start, self.num_local, self.num_sample, self.generator)
+        sink = None
+        if torch.is_grad_enabled():
+            self._check_pending_updates()
+            sink = SampledRows(sampled.index, self.row_updater)
+            self._sampled.append(sink)
+        matmul_dtype = None
+        if self.fp16:
+            matmul_dtype = torch.float16 if embeddings.is_cuda else torch.bfloat16
+        return ShardedMarginSoftmaxLoss.apply(
+            F.normalize(embeddings, dim=1),
+            self.weight,
+            sampled.index,
+            sampled.rows,
+            sampled.cols,
+            self.margin,
+            self.comm,
+            matmul_dtype,
+            self.workspace,
+            sink,
+            self._grad_anchor if sink is not None else None,
+        )
+
+    def _check_pending_updates(self) -> None:
+        """Catch a training loop that never steps SparseSGD, or accumulates gradients into in-backward updates."""
+        if self.row_updater is not None and self._sampled:
+            raise RuntimeError(
+                "PartialFC: a second training forward before SparseSGD.step(): call step() after every backward, "
+                "or, for gradient accumulation, create SparseSGD(head, ..., update_in_backward=False)"
+            )
+        if len(self._sampled) >= MAX_PENDING_STEPS:
+            raise RuntimeError(
+                f"PartialFC ran {MAX_PENDING_STEPS} training forwards without SparseSGD.step(): the centers are "
+                "not being updated; create SparseSGD(head, lr, ...) and step it after backward"
+            )
+
+    def take_sampled(self) -> list[SampledRows]:
+        """Hand over the sampled rows (and gradients) of every forward since the last call; used by SparseSGD."""
+        sampled, self._sampled = self._sampled, []
+        return sampled
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"shard=[{self.class_start}, {self.class_start + self.num_local}), sample_rate={self.sample_rate}, "
+            f"margin={self.margin}, storage_dtype={self.weight.dtype}"
+        )

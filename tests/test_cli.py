@@ -1,0 +1,53 @@
+"""The `partial-fc` command: benchmark output, the demo in one process, bad options."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.launchers import REPO, launch
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "partial_fc", *arguments], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_bench_head_prints_one_json_line_with_every_figure():
+    job = launch(
+        "mpirun",
+        2,
+        ["-m", "partial_fc", "bench", "head", "--classes", "20000", "--dim", "64", "--batch", "32", "--sample-rate", "0.1", "--steps", "3"],
+    )
+    assert job.returncode == 0, job.stdout + job.stderr
+    line = next(line for line in job.stdout.splitlines() if '"bench": "head"' in line)
+    result = json.JSONDecoder().raw_decode(line[line.index("{") :])[0]
+    assert result["ranks"] == 2 and result["sampled_per_rank"] == 1000
+    for key in ("forward_s", "backward_s", "update_s", "step_s", "matmul_floor_s", "peak_memory_gib"):
+        assert result[key] > 0, key
+    assert result["step_s"] >= result["forward_s"] + result["backward_s"] + result["update_s"] - 1e-4
+    assert result["step_over_floor"] == pytest.approx(result["step_s"] / result["matmul_floor_s"], rel=1e-2)
+
+
+def test_demo_in_one_process_learns():
+    job = run_cli("demo", "--steps", "40", "--classes", "200", "--batch", "64", "--log-every", "10")
+    assert job.returncode == 0, job.stderr
+    result = json.loads(job.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "single" and result["last_loss"] < 0.6 * result["first_loss"]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["demo", "--sample-rate", "2"], "sample_rate=2.0 must lie in (0, 1]"),
+        (["demo", "--classes", "0"], "num_classes=0"),
+        (["demo", "--margin", "1,0.5"], "--margin '1,0.5'"),
+        (["demo", "--scale", "-1"], "scale s=-1.0"),
+    ],
+)
+def test_bad_options_fail_with_one_clear_message(arguments, message):
+    job = run_cli(*arguments)
+    assert job.returncode == 2
+    assert message in job.stderr and "Traceback" not in job.stderr
