@@ -9,6 +9,7 @@ from typing import Sequence
 from partial_fc import __version__
 from partial_fc.cli import bench, demo
 from partial_fc.cli.common import fail
+from partial_fc.comm import close_communicator
 from partial_fc.errors import PartialFCError
 
 SUBCOMMANDS = {
@@ -30,9 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module, _ = SUBCOMMANDS[args.command]
     try:
-        return module.run(args)
+        status = module.run(args)
     except PartialFCError as error:
-        return fail(str(error))
+        status = fail(str(error))
+    # Reached by every rank alike (input errors are raised collectively); other failures skip it.
+    close_communicator()
+    return status
 
 
 if __name__ == "__main__":

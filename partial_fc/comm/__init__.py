@@ -13,6 +13,7 @@ __all__ = [
     "ReduceOp",
     "SingleProcessCommunicator",
     "choose_backend",
+    "close_communicator",
     "detect_launch",
     "get_communicator",
 ]
@@ -39,3 +40,14 @@ def get_communicator(backend: str = "auto") -> Communicator:
     else:
         _current = SingleProcessCommunicator()
     return _current
+
+
+def close_communicator() -> None:
+    """Close the process's communicator after a run that every rank finished (normally or by the same error).
+
+    Not for a rank that fails alone: closing may synchronise with ranks that will never arrive.
+    """
+    global _current
+    if _current is not None:
+        _current.close()
+        _current = None

@@ -66,6 +66,9 @@ class Communicator(ABC):
     def barrier(self) -> None:
         """Block until every rank arrives."""
 
+    def close(self) -> None:
+        """Release the backend's resources once every rank is done with them."""
+
     def all_gather_with_grad(self, tensor: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
         """Differentiable all-gather: backward hands each rank the sum over ranks of its own rows' gradient."""
         if self.world_size == 1:

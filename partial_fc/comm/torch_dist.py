@@ -43,7 +43,8 @@ class TorchDistributedCommunicator(Communicator):
 
     def __init__(self, group: dist.ProcessGroup | None = None, timeout_s: float = 1800.0) -> None:
         launch = detect_launch()
-        if not dist.is_initialized():
+        self._owns_group = not dist.is_initialized()
+        if self._owns_group:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(
                 backend,
@@ -104,3 +105,9 @@ class TorchDistributedCommunicator(Communicator):
 
     def barrier(self) -> None:
         dist.barrier(group=self._group)
+
+    def close(self) -> None:
+        """Tear the process group down explicitly: gloo left to interpreter shutdown may abort the process."""
+        if self._owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

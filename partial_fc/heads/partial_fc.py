@@ -74,7 +74,7 @@ class PartialFC(nn.Module):
     ) -> None:
         super().__init__()
         self.comm = comm if comm is not None else get_communicator()
-        self._check_arguments(embedding_size, num_classes, sample_rate, storage_dtype)
+        self._check_arguments(embedding_size, num_classes, sample_rate, storage_dtype, chunk_rows)
         self.margin = as_margin(margin_loss)
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
@@ -92,14 +92,15 @@ class PartialFC(nn.Module):
         self._sampled: list[SampledRows] = []
         self.row_updater: RowUpdater | None = None  # set by SparseSGD when it updates rows during backward
         self._grad_anchor = torch.zeros((), requires_grad=True)
-        self.workspace = torch.empty((self.chunk_rows, self.embedding_size), dtype=self.working_dtype, device=device)
+        workspace_rows = min(self.chunk_rows, self.num_local)
+        self.workspace = torch.empty((workspace_rows, self.embedding_size), dtype=self.working_dtype, device=device)
 
     @property
     def working_dtype(self) -> torch.dtype:
         """The dtype of the head's arithmetic: float32, or float64 when the centers are stored in float64."""
         return torch.promote_types(self.weight.dtype, torch.float32)
 
-    def _check_arguments(self, embedding_size, num_classes, sample_rate, storage_dtype) -> None:
+    def _check_arguments(self, embedding_size, num_classes, sample_rate, storage_dtype, chunk_rows) -> None:
         """Validate on every rank after one collective, so a bad or mismatched value fails all ranks alike."""
 
         def number(value: Any) -> float:
@@ -124,6 +125,8 @@ class PartialFC(nn.Module):
             )
         if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
             raise InputError(f"PartialFC sample_rate={sample_rate!r} must lie in (0, 1]")
+        if not (isinstance(chunk_rows, int) and chunk_rows > 0):
+            raise InputError(f"PartialFC chunk_rows={chunk_rows!r} must be a positive integer")
         if storage_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise InputError(f"PartialFC storage_dtype={storage_dtype} must be float32, float64, bfloat16 or float16")
 

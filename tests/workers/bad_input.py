@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from partial_fc.comm import get_communicator  # noqa: E402
+from partial_fc.comm import close_communicator, get_communicator  # noqa: E402
 from partial_fc.errors import PartialFCError  # noqa: E402
 from partial_fc.heads import ArcFace, PartialFC, SparseSGD  # noqa: E402
 
@@ -49,6 +49,7 @@ def main() -> None:
         print(f"partial-fc: error: {error}", file=sys.stderr, flush=True)
         status = 2
     (Path(args.out) / f"rank{comm.rank}.exit").write_text(str(status))
+    close_communicator()
     sys.exit(status)
 
 
