@@ -1,29 +1,6 @@
-"""Dataset input. Re-exports the public names of ``recordio`` (native MXNet RecordIO ``.rec`` / ``.idx``)."""
+"""Dataset input: formats (RecordIO, ``.bin``), generated identities, datasets and loading. No collectives here."""
 
-from partial_fc.data.recordio import (
-    MAGIC,
-    IndexedRecordReader,
-    IndexedRecordWriter,
-    IRHeader,
-    RecordIOError,
-    RecordReader,
-    RecordWriter,
-    pack,
-    pack_header,
-    rebuild_index,
-    unpack,
-)
+from partial_fc.data import recordio
+from partial_fc.data.recordio import *  # noqa: F401,F403  (the names listed in recordio.__all__)
 
-__all__ = [
-    "MAGIC",
-    "IRHeader",
-    "IndexedRecordReader",
-    "IndexedRecordWriter",
-    "RecordIOError",
-    "RecordReader",
-    "RecordWriter",
-    "pack",
-    "pack_header",
-    "rebuild_index",
-    "unpack",
-]
+__all__ = list(recordio.__all__)
