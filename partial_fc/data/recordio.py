@@ -506,6 +506,13 @@ class IndexedRecordReader(RecordReader):
         """The keys in ``.idx`` order (a new list of ints)."""
         return self._keys.tolist()
 
+    @property
+    def key_array(self) -> np.ndarray:
+        """The keys in ``.idx`` order as a read-only int64 array (no per-key objects: for sets of millions)."""
+        view = self._keys.view()
+        view.flags.writeable = False
+        return view
+
     def __len__(self) -> int:
         """Number of records in the index."""
         return len(self._keys)
