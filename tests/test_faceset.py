@@ -120,3 +120,13 @@ def test_boundary_rounded_by_float32_is_found_from_the_records():
     assert int(np.float32(reader.images + 1)) != reader.images + 1
     index = read_faceset_index(reader)
     assert len(index.image_keys) == reader.images and index.image_keys[-1] == reader.images
+
+
+def test_key_zero_image_with_an_array_label_is_not_a_header(tmp_path):
+    with IndexedRecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as writer:
+        for key in range(4):
+            writer.write(key, pack(IRHeader(2, [float(key % 2), 9.0], key, 0), b"jpeg"))
+    reader = open_set(tmp_path)
+    index = read_faceset_index(reader)
+    assert index.image_keys.tolist() == [0, 1, 2, 3] and index.identity_ranges is None
+    assert labels_of(reader, index.image_keys) == [0, 1, 0, 1]

@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from partial_fc import __version__
-from partial_fc.cli import bench, demo, make_synthetic
+from partial_fc.cli import bench, demo, im2rec, make_synthetic, unpack
 from partial_fc.cli.common import fail
 from partial_fc.comm import close_communicator
 from partial_fc.errors import PartialFCError
@@ -16,6 +16,14 @@ SUBCOMMANDS = {
     "demo": (demo, "train a small network and the Partial FC head on generated identities"),
     "bench": (bench, "benchmarks (bench head ...)"),
     "make-synthetic": (make_synthetic, "write a generated face set (RecordIO + .bin) with learnable identities"),
+    "im2rec": (
+        im2rec,
+        "image folder -> .lst -> RecordIO face set (MXNet's im2rec, insightface's layout)",
+    ),
+    "unpack": (
+        unpack,
+        "RecordIO face sets -> id_<label>/<label>_<n>.jpg folders (unpack_glint360k.py)",
+    ),
 }
 
 

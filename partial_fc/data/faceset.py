@@ -86,8 +86,8 @@ def read_faceset_index(reader: IndexedRecordReader) -> FaceSetIndex:
     keys = reader.key_array
     if 0 not in reader:
         return FaceSetIndex(keys.copy(), None)
-    header, _ = unpack(reader.read(0))
-    if header.flag < _RANGE_FLAG:
+    header, payload = unpack(reader.read(0))
+    if header.flag < _RANGE_FLAG or payload:  # key 0 is an image (im2rec --pack-label writes array labels too)
         return FaceSetIndex(keys.copy(), None)
     first_range, end_range = _range_of(header, path=reader.path, key=0)
     if first_range >= EXACT_LIMIT and header.id == 0:

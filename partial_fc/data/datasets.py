@@ -1,0 +1,294 @@
+"""Training and verification datasets: RecordIO face sets, image folders, pair lists, random in-memory faces.
+
+Training datasets return ``(image float32 [3, H, W], label int64 scalar tensor)`` and are safe in forked
+DataLoader workers (files are opened lazily in each process; index arrays are numpy, so forked workers share
+them without copy-on-write growth). A batch that comes as a ``SeededBatch`` (from ``EpochBatchSampler``) draws
+its flips from the batch's own seed; single items draw from a per-process generator seeded from torch's
+initial seed (which DataLoader sets per worker).
+
+A batch of a fixed image size is decoded straight into one batch tensor (in shared memory inside a worker, as
+DataLoader's own collate does) and comes back as ``StackedSamples``: still a list of ``(image, label)`` views,
+so any collate function works, but ``loader.collate`` hands the batch tensors on without stacking a copy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from partial_fc.data.decode import ImageTransform, decode_rgb, normalize_lut
+from partial_fc.data.faceset import read_faceset_index, read_property, record_label
+from partial_fc.data.recordio import IndexedRecordReader, IRHeader, RecordIOError, unpack
+from partial_fc.data.sampler import SeededBatch
+from partial_fc.errors import InputError
+
+__all__ = [
+    "DatasetError",
+    "ImageFolderDataset",
+    "PairListDataset",
+    "RandomFaceDataset",
+    "RecordFaceDataset",
+    "StackedSamples",
+    "SyntheticDataset",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+Size = Optional[tuple[int, int]]
+Sample = tuple[torch.Tensor, torch.Tensor]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class DatasetError(InputError):
+    """A data set's layout or listing is invalid; the message names the file or folder (and line)."""
+
+
+class StackedSamples(list):
+    """A batch's ``(image, label)`` samples as views of one images tensor [B, 3, H, W] and one labels tensor [B]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        super().__init__(zip(images.unbind(0), labels.unbind(0)))
+        self.images, self.labels = images, labels
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty float32 tensor; in a DataLoader worker its storage is shared memory, so sending it copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 4)  # what DataLoader's default collate uses
+    return torch.empty(0, dtype=torch.float32).set_(storage).view(shape)
+
+
+class _FaceDataset(Dataset):
+    """Shared sample path: load ``(rgb, label)``, transform with the batch's or this process's generator."""
+
+    def __init__(self, image_size: Size, flip: bool):
+        self.transform = ImageTransform(image_size, flip)
+        self._rng: tuple[int, np.random.Generator] | None = None  # (pid, generator), made on first use
+
+    def _load(self, index: int) -> tuple[np.ndarray, int]:
+        """The decoded RGB image and the class of sample ``index``."""
+        raise NotImplementedError
+
+    def _process_rng(self) -> np.random.Generator:
+        """This process's generator, seeded from ``torch.initial_seed()`` (distinct per DataLoader worker)."""
+        pid = os.getpid()
+        if self._rng is None or self._rng[0] != pid:
+            self._rng = (pid, np.random.default_rng(torch.initial_seed()))
+        return self._rng[1]
+
+    def _sample(self, index: int, rng: np.random.Generator) -> Sample:
+        """Load and transform one sample on its own (no batch tensor)."""
+        rgb, label = self._load(index)
+        return self.transform(rgb, rng), torch.tensor(label, dtype=torch.int64)
+
+    def __getitem__(self, index: int) -> Sample:
+        """One ``(image, label)``, flipped (when enabled) by this process's generator."""
+        return self._sample(index, self._process_rng())
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
+        """A batch; a ``SeededBatch`` draws its flips from its own seed, so they do not depend on the worker."""
+        rng = np.random.default_rng(indices.seed) if isinstance(indices, SeededBatch) else self._process_rng()
+        size = self.transform.size
+        if size is None:  # images keep their own sizes: no common batch tensor
+            return [self._sample(index, rng) for index in indices]
+        images = _batch_tensor((len(indices), 3, *size))
+        labels = torch.empty(len(indices), dtype=torch.int64)
+        slots = images.numpy()
+        for slot, index in enumerate(indices):
+            rgb, labels[slot] = self._load(index)
+            self.transform(rgb, rng, out=slots[slot])
+        return StackedSamples(images, labels)
+
+
+class RecordFaceDataset(_FaceDataset):
+    """A face set in indexed RecordIO (insightface layout or header-less), labels checked against num_classes."""
+
+    def __init__(self, root: PathLike | None = None, *, rec: PathLike | None = None,
+                 idx: PathLike | None = None, num_classes: int | None = None, image_size: Size = None,
+                 flip: bool = True, name: str = "train"):
+        """Open ``root/<name>.rec`` + ``.idx`` (or ``rec`` and ``idx``); ``property`` beside them gives
+        num_classes and the size images are resized to, unless ``num_classes`` / ``image_size`` are given."""
+        if root is not None:
+            if rec is not None or idx is not None:
+                raise DatasetError("give either root or both rec and idx, not both")
+            rec, idx = Path(root) / f"{name}.rec", Path(root) / f"{name}.idx"
+        if rec is None or idx is None:
+            raise DatasetError("give either root or both rec and idx")
+        self.reader = IndexedRecordReader(rec, idx)
+        prop = read_property(Path(self.reader.path).parent)
+        if prop is not None:
+            num_classes = prop[0] if num_classes is None else num_classes
+            image_size = prop[1:] if image_size is None else image_size
+        if num_classes is not None and num_classes < 1:
+            raise DatasetError(f"{self.reader.path}: num_classes must be positive, got {num_classes}")
+        super().__init__(image_size, flip)
+        index = read_faceset_index(self.reader)
+        self.image_keys = index.image_keys
+        self._num_classes = num_classes if num_classes is not None else index.num_identities
+        self._labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_keys)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes: given, from ``property``, from the header's identity count, else ``max(label) + 1``."""
+        if self._num_classes is None:
+            self._num_classes = int(self.labels().max()) + 1
+        return self._num_classes
+
+    def _label(self, header: IRHeader, key: int) -> int:
+        """The record's class id, refused (naming file and key) when outside ``[0, num_classes)``."""
+        label = record_label(header, path=self.reader.path, key=key)
+        if self._num_classes is not None and label >= self._num_classes:
+            raise RecordIOError(f"label {label} is outside [0, num_classes={self._num_classes})",
+                                path=self.reader.path, key=key)
+        return label
+
+    def labels(self) -> np.ndarray:
+        """Every image's class (int64, in sample order), read from the record headers without decoding; checked."""
+        if self._labels is None:
+            labels = np.empty(len(self.image_keys), dtype=np.int64)
+            for i, key in enumerate(self.image_keys.tolist()):
+                labels[i] = self._label(unpack(self.reader.read(key))[0], key)
+            self._labels = labels
+        return self._labels
+
+    def _load(self, index: int) -> tuple[np.ndarray, int]:
+        key = int(self.image_keys[index])
+        header, payload = unpack(self.reader.read(key))
+        label = self._label(header, key)
+        return decode_rgb(payload, f"{self.reader.path}, key {key}"), label
+
+
+class ImageFolderDataset(_FaceDataset):
+    """``root/<identity>/*.jpg|png``: one sub-folder per identity, classes numbered by sorted folder name."""
+
+    def __init__(self, root: PathLike, *, image_size: Size = (112, 112), flip: bool = True):
+        """Scan ``root``; images are resized to ``image_size`` where they differ (None: keep each one's size).
+
+        An empty root or an identity folder without images is an error naming the folder."""
+        super().__init__(image_size, flip)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetError(f"{self.root}: not a folder")
+        self.classes = sorted(entry.name for entry in os.scandir(self.root)
+                              if entry.is_dir() and not entry.name.startswith("."))
+        if not self.classes:
+            raise DatasetError(f"{self.root}: no identity folders (expected {self.root}/<identity>/*.jpg)")
+        paths: list[bytes] = []
+        labels: list[int] = []
+        for label, identity in enumerate(self.classes):
+            folder = self.root / identity
+            images = sorted(entry.name for entry in os.scandir(folder)
+                            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
+            if not images:
+                raise DatasetError(f"{folder}: identity folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            paths.extend(os.fsencode(os.path.join(identity, image)) for image in images)
+            labels.extend([label] * len(images))
+        self._paths = np.array(paths)  # fixed-width bytes: one buffer, not millions of objects
+        self._labels = np.array(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    @property
+    def num_classes(self) -> int:
+        """One class per identity folder."""
+        return len(self.classes)
+
+    def labels(self) -> np.ndarray:
+        """Every image's class (int64, in sample order)."""
+        return self._labels
+
+    def path(self, index: int) -> Path:
+        """The file of sample ``index``."""
+        return self.root / os.fsdecode(self._paths[index])
+
+    def _load(self, index: int) -> tuple[np.ndarray, int]:
+        path = self.path(index)
+        return decode_rgb(path.read_bytes(), str(path)), int(self._labels[index])
+
+
+class PairListDataset(Dataset):
+    """Verification pairs from a ``pair.list`` of ``path1 path2 issame(0/1)`` lines, paths under ``image_root``."""
+
+    def __init__(self, pair_list: PathLike, image_root: PathLike, image_size: tuple[int, int] = (112, 112)):
+        """Parse the list now (a malformed line is an error naming file and line); images load on demand."""
+        self.pair_list, self.image_root = Path(pair_list), Path(image_root)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.transform = ImageTransform(self.image_size)
+        self.pairs: list[tuple[str, str, bool]] = []
+        with open(self.pair_list, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                fields = line.split()
+                if not fields or fields[0].startswith("#"):
+                    continue
+                if len(fields) != 3 or fields[2] not in ("0", "1"):
+                    raise DatasetError(f"{self.pair_list}, line {lineno}: expected 'path1 path2 issame(0/1)', "
+                                       f"got {line.strip()!r}")
+                self.pairs.append((fields[0], fields[1], fields[2] == "1"))
+        if not self.pairs:
+            raise DatasetError(f"{self.pair_list}: no pairs")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _image(self, relative: str, out: np.ndarray | None = None) -> torch.Tensor:
+        """One listed image, normalised (into ``out`` when given); unreadable files name the list too."""
+        path = self.image_root / relative
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DatasetError(f"{path} (listed in {self.pair_list}): cannot read: {exc.strerror}") from None
+        return self.transform(decode_rgb(data, str(path)), out=out)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Pair ``index``: both images (normalised [3, H, W]) and whether they show the same identity."""
+        first, second, issame = self.pairs[index]
+        return self._image(first), self._image(second), issame
+
+    def load(self) -> tuple[torch.Tensor, list[bool]]:
+        """Every pair as ``(images [2N, 3, H, W], issame [N])``, the form ``load_bin`` returns and
+        ``evaluate_model`` takes (pair ``i`` is images ``2i`` and ``2i + 1``)."""
+        paths = [path for first, second, _ in self.pairs for path in (first, second)]
+        images = torch.empty((len(paths), 3, *self.image_size), dtype=torch.float32)
+        slots = images.numpy()
+        for slot, path in enumerate(paths):
+            self._image(path, out=slots[slot])
+        return images, [issame for _, _, issame in self.pairs]
+
+
+class RandomFaceDataset(Dataset):
+    """In-memory random images and labels for benchmarks: no files, no decoding, deterministic in ``seed``."""
+
+    def __init__(self, num_samples: int, num_classes: int, image_size: tuple[int, int] = (112, 112),
+                 seed: int = 0, distinct_images: int = 64):
+        """``num_samples`` samples; images cycle through ``distinct_images`` normalised random ones."""
+        if num_samples < 1 or num_classes < 1 or distinct_images < 1:
+            raise InputError("num_samples, num_classes and distinct_images must be positive, got "
+                             f"{num_samples}, {num_classes}, {distinct_images}")
+        rng = np.random.default_rng([seed, 0xBE4C])
+        pixels = rng.integers(0, 256, size=(min(distinct_images, num_samples), 3, *image_size), dtype=np.uint8)
+        self.images = torch.from_numpy(normalize_lut()[pixels])
+        self._labels = torch.from_numpy(rng.integers(0, num_classes, size=num_samples, dtype=np.int64))
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def labels(self) -> np.ndarray:
+        """Every sample's class (int64)."""
+        return self._labels.numpy()
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.images[index % len(self.images)], self._labels[index]
+
+
+SyntheticDataset = RandomFaceDataset  # the name arcface_torch gives its benchmark set

@@ -1,0 +1,104 @@
+"""The training DataLoader: worker processes, prefetch, pinned memory on CUDA, and resumable epoch accounting.
+
+``build_loader`` batches a ``DistributedEpochSampler`` with ``EpochBatchSampler`` (each batch carries the seed
+its flips draw from) and returns an ``EpochLoader``: it advances the sampler by each batch it hands to the
+training loop (prefetched batches do not count), so ``sampler.state_dict()`` taken in the loop body counts the
+batch being trained on; an epoch read to its end moves the sampler to the next epoch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from partial_fc.data.datasets import StackedSamples
+from partial_fc.data.sampler import DistributedEpochSampler, EpochBatchSampler
+
+__all__ = ["EpochLoader", "WorkerSeeder", "build_loader", "collate", "to_device"]
+
+
+def collate(samples: Any) -> Any:
+    """``(images, labels)`` of a batch: ``StackedSamples`` as they are (no copy), anything else by default_collate."""
+    if isinstance(samples, StackedSamples):
+        return samples.images, samples.labels
+    return default_collate(samples)
+
+
+class WorkerSeeder:
+    """``worker_init_fn``: seeds a worker's ``random``, numpy and torch generators from (seed, epoch, rank, worker).
+
+    Flips do not depend on these (they draw from each batch's seed); they are for any other randomness a
+    dataset uses, and make it reproducible. The epoch is the sampler's when the worker starts.
+    """
+
+    def __init__(self, seed: int, sampler: DistributedEpochSampler):
+        """Seed from ``seed`` and ``sampler``'s epoch and rank."""
+        self.seed, self.sampler = seed, sampler
+
+    def __call__(self, worker_id: int) -> None:
+        """Seed this worker process's global generators."""
+        entropy = [self.seed, self.sampler.epoch, self.sampler.rank, worker_id]
+        state = np.random.SeedSequence(entropy).generate_state(4)
+        random.seed(int(state[0]))
+        np.random.seed(state)
+        torch.manual_seed(int(state[1]) << 32 | int(state[2]))
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader over an ``EpochBatchSampler`` that counts delivered batches into its epoch sampler."""
+
+    def __init__(self, dataset: Dataset, batch_sampler: EpochBatchSampler, **kwargs: Any):
+        """``DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)``, remembering the epoch sampler."""
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self.epoch_sampler = batch_sampler.sampler
+        self.epoch_batch_size = batch_sampler.batch_size
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # wraps DataLoader's iterator
+        """The rest of the sampler's current epoch; on reaching its end, the sampler moves to the next epoch."""
+        sampler = self.epoch_sampler
+        for batch in super().__iter__():
+            sampler.advance(min(self.epoch_batch_size, sampler.remaining))
+            yield batch
+        sampler.set_epoch(sampler.epoch + 1)
+
+
+def build_loader(dataset: Dataset, batch_size: int, sampler: DistributedEpochSampler, num_workers: int = 4,
+                 pin_memory: bool | None = None, prefetch_factor: int = 2, drop_last: bool = True,
+                 seed: int = 0) -> EpochLoader:
+    """A loader of ``batch_size`` batches from ``sampler``'s epochs: persistent workers when ``num_workers > 0``,
+    ``prefetch_factor`` batches ahead per worker, memory pinned when CUDA is available (``pin_memory=None``)."""
+    workers = num_workers > 0
+    return EpochLoader(
+        dataset,
+        EpochBatchSampler(sampler, batch_size, drop_last, seed),
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        prefetch_factor=prefetch_factor if workers else None,
+        persistent_workers=workers,
+        worker_init_fn=WorkerSeeder(seed, sampler) if workers else None,
+        generator=torch.Generator().manual_seed(seed),  # DataLoader's own seeds: fixed, and the global RNG untouched
+    )
+
+
+Batch = Union[torch.Tensor, Mapping, list, tuple, Any]
+
+
+def to_device(batch: Batch, device: str | torch.device) -> Batch:
+    """Move every tensor in ``batch`` (nested tuples, lists, dicts: mappings come back as dicts) to ``device``;
+    pinned tensors copy asynchronously."""
+    if isinstance(batch, torch.Tensor):
+        device = torch.device(device)
+        non_blocking = device.type != "cpu" and batch.device.type == "cpu" and batch.is_pinned()
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(value, device) for value in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch

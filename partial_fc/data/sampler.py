@@ -1,0 +1,165 @@
+"""Per-rank epoch order for data-parallel training, resumable mid-epoch; rank and world size are plain integers.
+
+Epoch ``e`` orders the whole set by one permutation drawn from ``(seed, e)`` (identity order without shuffle).
+Like ``torch.utils.data.DistributedSampler``, the order is made a multiple of ``world_size`` (``drop_last=False``:
+padded by wrapping around to its start, so a few samples are seen twice; ``drop_last=True``: its tail is cut, so
+a few are not seen) and rank ``r`` takes every ``world_size``-th sample starting at ``r``. Ranks are disjoint,
+cover the epoch, and all get ``num_samples`` indices.
+
+The state is ``(epoch, position)``: ``position`` samples of this rank's epoch are consumed, and iterating starts
+there. The sampler does not count what it hands out (a DataLoader prefetches ahead of training): the consumer
+calls ``advance`` for what training received (``partial_fc.data.loader`` does). Because rank ``r`` has
+consumed exactly the global positions ``k * world_size + r`` for ``k < position``, all ranks at one position
+have consumed one prefix of the epoch's order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from partial_fc.errors import InputError
+
+__all__ = ["DistributedEpochSampler", "EpochBatchSampler", "SeededBatch"]
+
+_CHUNK = 1 << 16  # indices turned into Python ints at a time (an epoch of millions never becomes one list)
+
+
+def _count(value: object, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (bools refused), else ``InputError``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class DistributedEpochSampler(Sampler[int]):
+    """This rank's share of each epoch: disjoint across ranks, deterministic in (seed, epoch), resumable."""
+
+    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = False):
+        """Sample ``range(dataset_len)`` for ``rank`` of ``world_size``; see the module docstring for padding."""
+        self.dataset_len = _count(dataset_len, "dataset_len", 1)
+        self.world_size = _count(world_size, "world_size", 1)
+        self.rank = _count(rank, "rank", 0)
+        if self.rank >= self.world_size:
+            raise InputError(f"rank {rank} is outside [0, world_size={world_size})")
+        self.seed = _count(seed, "seed", 0)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        if drop_last:
+            self.num_samples = self.dataset_len // self.world_size
+        else:
+            self.num_samples = math.ceil(self.dataset_len / self.world_size)
+        self.epoch = 0
+        self.position = 0
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to ``epoch`` from its start; setting the current epoch again keeps the position (after a restore)."""
+        epoch = _count(epoch, "epoch", 0)
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def indices(self) -> np.ndarray:
+        """This rank's whole order for the current epoch (``num_samples`` int64 indices, read-only, cached)."""
+        if self._cached is None or self._cached[0] != self.epoch:
+            n = self.dataset_len
+            order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+            if self.shuffle:
+                np.random.default_rng([self.seed, self.epoch]).shuffle(order)
+            total = self.num_samples * self.world_size
+            mine = np.resize(order, total)[self.rank::self.world_size].astype(np.int64)  # resize wraps around
+            mine.flags.writeable = False
+            self._cached = (self.epoch, mine)
+        return self._cached[1]
+
+    @property
+    def remaining(self) -> int:
+        """Samples of the current epoch not yet consumed by this rank."""
+        return self.num_samples - self.position
+
+    def __len__(self) -> int:
+        """Samples per rank per epoch (as torch's DistributedSampler); ``remaining`` is what is left of this one."""
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        """The indices from the current position to the epoch's end (the state is read now, not lazily)."""
+        return _iterate(self.indices(), self.position)
+
+    def advance(self, count: int) -> None:
+        """Record that training received ``count`` more samples of this epoch."""
+        count = _count(count, "count", 0)
+        if count > self.remaining:
+            raise InputError(f"cannot consume {count} samples: only {self.remaining} remain in epoch {self.epoch}")
+        self.position += count
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "position"}``, plus ``world_size`` and ``dataset_len`` to check the restore against."""
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size,
+                "dataset_len": self.dataset_len}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where ``state`` was taken; the same seed, world size and data set are needed for the same order."""
+        for key in ("world_size", "dataset_len"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise InputError(f"sampler state was saved with {key}={state[key]}, this run has "
+                                 f"{key}={getattr(self, key)}: the rest of the epoch cannot continue exactly")
+        epoch = _count(state["epoch"], "epoch", 0)
+        position = _count(state["position"], "position", 0)
+        if position > self.num_samples:
+            raise InputError(f"sampler state position {position} is past the epoch's {self.num_samples} samples")
+        self.epoch, self.position = epoch, position
+
+
+def _iterate(indices: np.ndarray, start: int) -> Iterator[int]:
+    """Yield ``indices[start:]`` as Python ints, converting a chunk at a time."""
+    for begin in range(start, len(indices), _CHUNK):
+        yield from indices[begin:begin + _CHUNK].tolist()
+
+
+class SeededBatch(list):
+    """A batch of dataset indices plus the seed its random augmentation draws from.
+
+    The seed is fixed by where the batch sits (seed, epoch, rank, position in the epoch), not by which worker
+    loads it, so augmentation is the same for any number of workers and after a mid-epoch restore.
+    """
+
+    seed: tuple[int, ...]
+
+    def __init__(self, indices: list, seed: tuple[int, ...]):
+        super().__init__(indices)
+        self.seed = seed
+
+
+class EpochBatchSampler(Sampler[SeededBatch]):
+    """Batches of a ``DistributedEpochSampler``'s remaining epoch, each a ``SeededBatch``."""
+
+    def __init__(self, sampler: DistributedEpochSampler, batch_size: int, drop_last: bool, seed: int = 0):
+        """Group ``sampler``'s indices by ``batch_size``; ``drop_last`` drops a short final batch."""
+        self.sampler = sampler
+        self.batch_size = _count(batch_size, "batch_size", 1)
+        self.drop_last = bool(drop_last)
+        self.seed = _count(seed, "seed", 0)
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch."""
+        full, rest = divmod(self.sampler.remaining, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[SeededBatch]:
+        """The remaining batches of the epoch (the sampler's state is read now, not lazily)."""
+        s = self.sampler
+        return _batches(s.indices(), s.position, self.batch_size, self.drop_last, (self.seed, s.epoch, s.rank))
+
+
+def _batches(indices: np.ndarray, start: int, size: int, drop_last: bool,
+             seed: tuple[int, int, int]) -> Iterator[SeededBatch]:
+    """Cut ``indices[start:]`` into ``SeededBatch``es seeded by ``seed + (position of their first sample,)``."""
+    for begin in range(start, len(indices), size):
+        chunk = indices[begin:begin + size]
+        if drop_last and len(chunk) < size:
+            return
+        yield SeededBatch(chunk.tolist(), (*seed, begin))

@@ -1,0 +1,275 @@
+"""Datasets on real files (RecordIO face sets, image folders, pair lists) and the training DataLoader."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from partial_fc.data.datasets import (
+    DatasetError,
+    ImageFolderDataset,
+    PairListDataset,
+    RandomFaceDataset,
+    RecordFaceDataset,
+    StackedSamples,
+    SyntheticDataset,
+)
+from partial_fc.data.decode import DecodeError, ImageTransform, decode_rgb
+from partial_fc.data.faceset import FaceSetWriter
+from partial_fc.data.loader import build_loader, collate, to_device
+from partial_fc.data.recordio import IndexedRecordWriter, IRHeader, RecordIOError, pack
+from partial_fc.data.sampler import DistributedEpochSampler, SeededBatch
+from partial_fc.data.synthetic import render_identity_image
+from partial_fc.eval.verification import evaluate_model
+
+SIZE = 24
+IDENTITIES, PER_IDENTITY = 4, 3
+
+
+def _jpeg(identity: int, index: int, size: int = SIZE) -> bytes:
+    rgb = render_identity_image(0, identity, index, size=size)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.fixture(scope="module")
+def faceset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faceset")
+    with FaceSetWriter(root, image_size=(SIZE, SIZE)) as writer:
+        for identity in range(IDENTITIES):
+            for index in range(PER_IDENTITY):
+                writer.write(identity, _jpeg(identity, index))
+    return root
+
+
+def _headerless(directory, labels, payloads=None):
+    """A set written as plain MXNet im2rec would: keys 0..N-1, scalar labels, no header, no property."""
+    rec, idx = directory / "plain.rec", directory / "plain.idx"
+    with IndexedRecordWriter(rec, idx) as writer:
+        for i, label in enumerate(labels):
+            payload = _jpeg(label % IDENTITIES, i) if payloads is None else payloads[i]
+            writer.write(i, pack(IRHeader(0, float(label), i, 0), payload))
+    return rec, idx
+
+
+def test_faceset_items_labels_and_classes(faceset):
+    ds = RecordFaceDataset(faceset, flip=False)
+    assert len(ds) == IDENTITIES * PER_IDENTITY and ds.num_classes == IDENTITIES
+    expected = np.repeat(np.arange(IDENTITIES), PER_IDENTITY)
+    assert np.array_equal(ds.labels(), expected) and ds.labels().dtype == np.int64
+    image, label = ds[4]
+    assert image.dtype == torch.float32 and image.shape == (3, SIZE, SIZE)
+    assert label.dtype == torch.int64 and label.item() == 1
+    assert torch.equal(image, ImageTransform()(decode_rgb(_jpeg(1, 1))))
+    resized = RecordFaceDataset(faceset, image_size=(16, 20), flip=False)
+    assert resized[0][0].shape == (3, 16, 20)
+
+
+def test_headerless_set_by_paths(tmp_path):
+    rec, idx = _headerless(tmp_path, [2, 0, 1, 2, 0])
+    ds = RecordFaceDataset(rec=rec, idx=idx, flip=False)
+    assert len(ds) == 5 and ds.num_classes == 3  # no property, no header: max label + 1
+    assert np.array_equal(ds.labels(), [2, 0, 1, 2, 0])
+    assert [int(ds[i][1]) for i in range(5)] == [2, 0, 1, 2, 0]
+    with pytest.raises(DatasetError, match="either root or both"):
+        RecordFaceDataset(rec=rec)
+
+
+def test_label_outside_num_classes_names_file_and_key(tmp_path):
+    rec, idx = _headerless(tmp_path, [0, 1, 7, 2])
+    ds = RecordFaceDataset(rec=rec, idx=idx, num_classes=5, flip=False)
+    assert int(ds[1][1]) == 1
+    with pytest.raises(RecordIOError, match=rf"{rec}: record at key 2: label 7 is outside \[0, num_classes=5\)"):
+        ds[2]
+    with pytest.raises(RecordIOError, match="key 2"):
+        ds.labels()
+
+
+def test_property_num_classes_is_enforced(faceset, tmp_path):
+    for name in ("train.rec", "train.idx"):
+        (tmp_path / name).write_bytes((faceset / name).read_bytes())
+    (tmp_path / "property").write_text(f"{IDENTITIES - 1},{SIZE},{SIZE}\n")
+    ds = RecordFaceDataset(tmp_path, flip=False)
+    last_key = IDENTITIES * PER_IDENTITY  # images are keys 1..N; the last identity is out of range
+    with pytest.raises(RecordIOError, match=rf"key {last_key}: label {IDENTITIES - 1} is outside"):
+        ds[len(ds) - 1]
+
+
+def test_negative_label_names_file_and_key(tmp_path):
+    rec, idx = _headerless(tmp_path, [0, -1, 1])
+    with pytest.raises(RecordIOError, match=rf"{rec}: record at key 1: label -1"):
+        RecordFaceDataset(rec=rec, idx=idx, num_classes=2, flip=False)[1]
+
+
+def test_non_image_payload_names_file_and_key(tmp_path):
+    rec, idx = _headerless(tmp_path, [0, 1, 0], payloads=[_jpeg(0, 0), b"this is not a jpeg", _jpeg(0, 1)])
+    ds = RecordFaceDataset(rec=rec, idx=idx, flip=False)
+    with pytest.raises(DecodeError, match=rf"{rec}, key 1: cannot decode image"):
+        ds[1]
+    loader = build_loader(ds, 3, DistributedEpochSampler(3, 0, 1, shuffle=False), num_workers=2, pin_memory=False)
+    with pytest.raises(DecodeError, match=rf"{rec}, key 1"):  # from a worker process, intact
+        next(iter(loader))
+
+
+def _write_image(path, rgb, ext):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    path.write_bytes(buf.tobytes())
+
+
+def test_image_folder(tmp_path):
+    for identity, name in enumerate(["bob", "alice", "carol"]):
+        for index in range(2):
+            ext = ".png" if index else ".jpg"
+            _write_image(tmp_path / name / f"{index}{ext}", render_identity_image(0, identity, index, SIZE), ext)
+    (tmp_path / "alice" / "notes.txt").write_text("not an image")
+    ds = ImageFolderDataset(tmp_path, image_size=None, flip=False)
+    assert ds.classes == ["alice", "bob", "carol"] and ds.num_classes == 3 and len(ds) == 6
+    assert np.array_equal(ds.labels(), [0, 0, 1, 1, 2, 2])
+    image, label = ds[3]  # bob's png
+    assert label.item() == 1 and label.dtype == torch.int64
+    expected = ImageTransform()(render_identity_image(0, 0, 1, SIZE))
+    assert torch.equal(image, expected)  # png is lossless
+
+
+def test_image_folder_errors_name_the_folder(tmp_path):
+    with pytest.raises(DatasetError, match=rf"{tmp_path}: no identity folders"):
+        ImageFolderDataset(tmp_path)
+    _write_image(tmp_path / "a" / "0.jpg", render_identity_image(0, 0, 0, SIZE), ".jpg")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "readme.txt").write_text("x")
+    with pytest.raises(DatasetError, match=rf"{tmp_path / 'b'}: identity folder holds no images"):
+        ImageFolderDataset(tmp_path)
+
+
+def _pair_set(tmp_path, pairs=10):
+    lines = []
+    for i in range(pairs):
+        same = i % 2 == 0
+        a, b = f"p{i}/a.jpg", f"p{i}/b.png"
+        _write_image(tmp_path / "images" / a, render_identity_image(1, i, 0, SIZE), ".jpg")
+        _write_image(tmp_path / "images" / b, render_identity_image(1, i if same else i + 100, 1, SIZE), ".png")
+        lines.append(f"{a} {b} {int(same)}")
+    (tmp_path / "pair.list").write_text("\n".join(lines) + "\n")
+    return tmp_path / "pair.list", tmp_path / "images"
+
+
+def test_pair_list_loads_for_verification(tmp_path):
+    pair_list, root = _pair_set(tmp_path)
+    ds = PairListDataset(pair_list, root, image_size=(16, 16))
+    assert len(ds) == 10
+    first, second, issame = ds[1]
+    assert first.shape == second.shape == (3, 16, 16) and issame is False
+    images, flags = ds.load()
+    assert images.shape == (20, 3, 16, 16) and images.dtype == torch.float32
+    assert flags == [i % 2 == 0 for i in range(10)]
+    assert torch.equal(images[2], first) and torch.equal(images[3], second)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8))
+    result = evaluate_model(model, images, flags, batch_size=8)
+    assert 0.0 <= result.accuracy <= 1.0
+
+
+@pytest.mark.parametrize("line,lineno", [("a.jpg b.jpg", 2), ("a.jpg b.jpg 2", 2), ("a b 1 extra", 2)])
+def test_malformed_pair_line_names_file_and_line(tmp_path, line, lineno):
+    path = tmp_path / "pair.list"
+    path.write_text(f"x.jpg y.jpg 1\n{line}\n")
+    with pytest.raises(DatasetError, match=rf"{path}, line {lineno}: expected 'path1 path2 issame"):
+        PairListDataset(path, tmp_path)
+
+
+def test_pair_list_missing_image_names_it(tmp_path):
+    path = tmp_path / "pair.list"
+    path.write_text("x.jpg y.jpg 1\n")
+    with pytest.raises(DatasetError, match=rf"{tmp_path / 'x.jpg'} \(listed in {path}\)"):
+        PairListDataset(path, tmp_path).load()
+
+
+def test_random_faces_are_deterministic():
+    a, b = RandomFaceDataset(100, 7, (8, 8), seed=1), SyntheticDataset(100, 7, (8, 8), seed=1)
+    assert len(a) == 100 and a.num_classes == 7
+    for i in (0, 63, 64, 99):
+        assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
+        assert a[i][0].shape == (3, 8, 8) and a[i][0].dtype == torch.float32 and a[i][1].dtype == torch.int64
+    assert a.labels().min() >= 0 and a.labels().max() < 7
+    assert a[0][0].min() >= -1 and a[0][0].max() <= 1
+    assert not torch.equal(RandomFaceDataset(100, 7, (8, 8), seed=2)[0][0], a[0][0])
+
+
+def _run(dataset, workers, seed, batches=None, state=None):
+    """The batches (and the sampler state after them) of one loader run of epoch 0 on rank 1 of 2."""
+    sampler = DistributedEpochSampler(len(dataset), 1, 2, seed=seed)
+    if state is not None:
+        sampler.load_state_dict(state)
+    loader = build_loader(dataset, 2, sampler, num_workers=workers, seed=seed, drop_last=False)
+    out = []
+    for images, labels in loader:
+        out.append((images, labels))
+        if len(out) == batches:
+            return out, sampler.state_dict()
+    assert (sampler.epoch, sampler.position) == (1, 0)  # a finished epoch moves on
+    return out, sampler.state_dict()
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b))
+
+
+def test_loader_reproducible_across_runs_workers_and_restore(faceset):
+    ds = RecordFaceDataset(faceset, flip=True)
+    ds[0]  # open the reader in this process first: workers must open their own
+    first, _ = _run(ds, 2, seed=3)
+    second, _ = _run(ds, 2, seed=3)
+    assert len(first) == 3 and _same(first, second)
+    assert _same(first, _run(ds, 0, seed=3)[0])  # flips follow the batch, not the worker
+    assert not _same(first, _run(ds, 2, seed=4)[0])
+    head, state = _run(ds, 2, seed=3, batches=1)
+    assert state["position"] == 2
+    tail, _ = _run(ds, 2, seed=3, state=state)
+    assert _same(head + tail, first)
+    plain, _ = _run(RecordFaceDataset(faceset, flip=False), 0, seed=3)
+    flipped = [torch.equal(f, torch.flip(p, [2])) for (fb, _), (pb, _) in zip(first, plain) for f, p in zip(fb, pb)]
+    kept = [torch.equal(f, p) for (fb, _), (pb, _) in zip(first, plain) for f, p in zip(fb, pb)]
+    assert all(a or b for a, b in zip(flipped, kept)) and any(flipped) and any(kept)
+
+
+def test_to_device_keeps_structure():
+    batch = (torch.ones(2, 3), {"labels": torch.arange(2)}, [torch.zeros(1)], "tag")
+    moved = to_device(batch, "cpu")
+    assert isinstance(moved, tuple) and moved[3] == "tag"
+    assert torch.equal(moved[0], batch[0]) and torch.equal(moved[1]["labels"], batch[1]["labels"])
+
+
+def test_loader_continues_after_a_break_and_counts_only_delivered_batches(faceset):
+    ds = RecordFaceDataset(faceset, flip=True)
+    uninterrupted, _ = _run(ds, 2, seed=5)
+    sampler = DistributedEpochSampler(len(ds), 1, 2, seed=5)
+    loader = build_loader(ds, 2, sampler, num_workers=2, seed=5, drop_last=False)
+    assert loader.pin_memory == torch.cuda.is_available() and len(loader) == 3
+    it = iter(loader)
+    head = [next(it)]  # workers have prefetched further; only this batch counts
+    assert sampler.position == 2 and len(loader) == 2
+    del it
+    tail = list(loader)
+    assert _same(head + tail, uninterrupted)
+    assert (sampler.epoch, len(loader)) == (1, 3)
+
+
+def test_batches_are_decoded_in_place_and_match_single_items(faceset):
+    ds = RecordFaceDataset(faceset, flip=True)
+    batch = SeededBatch([5, 0, 11, 3], (1, 2, 3, 4))
+    samples = ds.__getitems__(batch)
+    assert isinstance(samples, StackedSamples) and len(samples) == 4
+    images, labels = collate(samples)
+    assert images.shape == (4, 3, SIZE, SIZE) and labels.tolist() == [1, 0, 3, 1]
+    rng = np.random.default_rng(batch.seed)
+    singles = [ds._sample(index, rng) for index in batch]  # the same draws, one image at a time
+    assert torch.equal(images, torch.stack([image for image, _ in singles]))
+    stacked_by_default = default_collate(samples)  # a plain DataLoader still works on them
+    assert torch.equal(stacked_by_default[0], images) and torch.equal(stacked_by_default[1], labels)
+    sized_by_image = RecordFaceDataset(faceset, flip=False)
+    sized_by_image.transform.size = None
+    assert not isinstance(sized_by_image.__getitems__([0, 1]), StackedSamples)
