@@ -7,3 +7,7 @@ class PartialFCError(Exception):
 
 class InputError(PartialFCError, ValueError):
     """A tensor, label or argument handed to partial_fc is invalid; the message names the value."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder the job needs does not exist; the message names it."""

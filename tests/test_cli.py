@@ -51,3 +51,29 @@ def test_bad_options_fail_with_one_clear_message(arguments, message):
     job = run_cli(*arguments)
     assert job.returncode == 2
     assert message in job.stderr and "Traceback" not in job.stderr
+
+
+def test_bench_data_prints_every_stage(tmp_path):
+    assert run_cli("make-synthetic", "--identities", "6", "--images-per-id", "5", "--out", str(tmp_path), "--pairs", "0", "--workers", "1").returncode == 0
+    job = run_cli("bench", "data", "--rec", str(tmp_path), "--images", "30", "--batch", "8", "--workers", "1", "--repeats", "1")
+    assert job.returncode == 0, job.stderr
+    result = json.loads(job.stdout.strip().splitlines()[-1])
+    assert result["images"] == 30 and result["decoder"] in ("simplejpeg", "turbojpeg", "cv2")
+    for stage in ("plain_read_imdecode", "read", "decode", "augment", "pipeline", "loader_per_worker"):
+        assert result[f"{stage}_img_s"] > 0, stage
+    assert result["pipeline_over_plain"] == pytest.approx(result["pipeline_img_s"] / result["plain_read_imdecode_img_s"], rel=1e-2)
+
+
+def test_bench_data_names_a_missing_set(tmp_path):
+    job = run_cli("bench", "data", "--rec", str(tmp_path / "nowhere"))
+    assert job.returncode == 2 and "nowhere" in job.stderr and "Traceback" not in job.stderr
+
+
+def test_rebuild_idx_restores_a_lost_index(tmp_path):
+    assert run_cli("make-synthetic", "--identities", "3", "--images-per-id", "2", "--out", str(tmp_path), "--pairs", "0", "--workers", "1").returncode == 0
+    original = (tmp_path / "train.idx").read_bytes()
+    (tmp_path / "train.idx").unlink()
+    job = run_cli("rebuild-idx", str(tmp_path / "train.rec"))
+    assert job.returncode == 0 and (tmp_path / "train.idx").read_bytes() == original
+    missing = run_cli("rebuild-idx", str(tmp_path / "gone.rec"))
+    assert missing.returncode == 2 and "gone.rec: no such RecordIO file" in missing.stderr

@@ -130,3 +130,26 @@ def test_key_zero_image_with_an_array_label_is_not_a_header(tmp_path):
     index = read_faceset_index(reader)
     assert index.image_keys.tolist() == [0, 1, 2, 3] and index.identity_ranges is None
     assert labels_of(reader, index.image_keys) == [0, 1, 0, 1]
+
+
+def test_lost_index_of_a_face_set_is_rebuilt_with_its_keys(tmp_path):
+    from partial_fc.data.faceset import rebuild_faceset_index
+
+    with FaceSetWriter(tmp_path) as writer:
+        for label in (0, 0, 1, 2):
+            writer.write(label, b"jpeg %d" % label)
+    original = (tmp_path / "train.idx").read_text()
+    (tmp_path / "train.idx").unlink()
+    assert rebuild_faceset_index(tmp_path / "train.rec", tmp_path / "train.idx") == 8
+    assert (tmp_path / "train.idx").read_text() == original
+
+
+def test_lost_index_of_a_plain_set_is_sequential(tmp_path):
+    from partial_fc.data.faceset import rebuild_faceset_index
+
+    with IndexedRecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as writer:
+        for key in range(3):
+            writer.write(key, pack(IRHeader(0, 1.0, key, 0), b"jpeg"))
+    original = (tmp_path / "train.idx").read_text()
+    rebuild_faceset_index(tmp_path / "train.rec", tmp_path / "train.idx")
+    assert (tmp_path / "train.idx").read_text() == original

@@ -1,4 +1,4 @@
-"""`partial-fc bench head`: time the head's step by phase against the floor of its three matrix products.
+"""`partial-fc bench head` (and the dispatch to `bench data`): time the head's step by phase against the floor of its three matrix products.
 
 Prints one JSON line: median seconds of forward, backward and center update; the median of the same
 step's three products alone (W X^T, G^T W, G X at the sampled size, in the head's [classes, batch]
@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from partial_fc.cli import bench_data
 from partial_fc.cli.common import add_head_options, head_from_options, print_rank0
 from partial_fc.comm import Communicator, ReduceOp, get_communicator
 from partial_fc.heads import PartialFC, SparseSGD
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep the sampled rows' gradient for step() (the gradient-accumulation mode) instead of updating in backward",
     )
     head.set_defaults(steps=10)
+    bench_data.add_arguments(sub.add_parser("data", help="images per second per worker for read, decode, augment"))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -143,4 +145,4 @@ def run_head(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_head(args)
+    return run_head(args) if args.target == "head" else bench_data.run(args)

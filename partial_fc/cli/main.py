@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from partial_fc import __version__
-from partial_fc.cli import bench, demo, im2rec, make_synthetic, unpack
+from partial_fc.cli import bench, demo, im2rec, make_synthetic, rebuild_idx, unpack
 from partial_fc.cli.common import fail
 from partial_fc.comm import close_communicator
 from partial_fc.errors import PartialFCError
@@ -15,6 +15,7 @@ from partial_fc.errors import PartialFCError
 SUBCOMMANDS = {
     "demo": (demo, "train a small network and the Partial FC head on generated identities"),
     "bench": (bench, "benchmarks (bench head ...)"),
+    "rebuild-idx": (rebuild_idx, "rebuild a lost .idx from its .rec"),
     "make-synthetic": (make_synthetic, "write a generated face set (RecordIO + .bin) with learnable identities"),
     "im2rec": (
         im2rec,

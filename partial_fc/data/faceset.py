@@ -19,7 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from partial_fc.data.recordio import IndexedRecordReader, IndexedRecordWriter, IRHeader, RecordIOError, pack, unpack
+from partial_fc.data.recordio import (
+    IndexedRecordReader,
+    IndexedRecordWriter,
+    IRHeader,
+    RecordIOError,
+    RecordReader,
+    pack,
+    scan_offsets,
+    unpack,
+    write_index,
+)
 
 EXACT_LIMIT = 1 << 24
 _MARK = -1.0
@@ -115,6 +125,26 @@ def _boundary_near(reader: IndexedRecordReader, approximate: int) -> int:
         if key in reader and _is_range_record(reader, key):
             return key
     raise RecordIOError(f"no identity record found near key {approximate} named by the header", path=reader.path, key=0)
+
+
+def rebuild_faceset_index(rec_path: str | os.PathLike, idx_path: str | os.PathLike) -> int:
+    """Rebuild a lost `.idx`: keys 1..N-1 then 0 when the last record is a face-set header, else 0..N-1."""
+    offsets = scan_offsets(rec_path)
+    keys = np.arange(len(offsets), dtype=np.int64)
+    if len(offsets) and _is_trailing_header(RecordReader(rec_path).read_at(int(offsets[-1])), len(offsets), str(rec_path)):
+        keys += 1
+        keys[-1] = 0
+    write_index(idx_path, keys, offsets)
+    return len(offsets)
+
+
+def _is_trailing_header(record: bytes, records: int, path: str) -> bool:
+    """Whether the file's last record is the face-set header written last, naming exactly `records` keys."""
+    try:
+        header, payload = unpack(record)
+        return header.flag >= _RANGE_FLAG and not payload and _range_of(header, path=path, key=0)[1] == records
+    except RecordIOError:
+        return False
 
 
 def read_property(directory: str | os.PathLike) -> tuple[int, int, int] | None:

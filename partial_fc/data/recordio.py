@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, NamedTuple, Union
 
 import numpy as np
 
-from partial_fc.errors import InputError
+from partial_fc.errors import InputError, MissingInputError
 
 __all__ = [
     "MAGIC",
@@ -47,7 +47,9 @@ __all__ = [
     "pack",
     "pack_header",
     "rebuild_index",
+    "scan_offsets",
     "unpack",
+    "write_index",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -265,7 +267,7 @@ class RecordReader:
         """Open ``path`` (lazily); fail now if it does not exist."""
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"{self.path}: no such RecordIO file")
+            raise MissingInputError(f"{self.path}: no such RecordIO file")
         self._fh: BinaryIO | None = None
         self._pid: int | None = None
         self._lock: threading.Lock | None = None
@@ -482,6 +484,8 @@ class IndexedRecordReader(RecordReader):
         """Open the ``.rec`` (lazily) and parse the ``.idx`` now (its errors name the line)."""
         super().__init__(rec_path)
         self.idx_path = os.fspath(idx_path)
+        if not os.path.isfile(self.idx_path):
+            raise MissingInputError(f"{self.idx_path}: no such RecordIO index (partial-fc rebuild-idx makes one from the .rec)")
         self._keys, self._offsets = _parse_index(self.idx_path, os.path.getsize(self.path))
         n = len(self._keys)
         self._base: int | None = None  # keys are base, base+1, ...: direct lookup
@@ -563,27 +567,35 @@ def _lines_of_key(idx_path: str, key: int) -> list:
     return out
 
 
-def rebuild_index(rec_path: PathLike, idx_path: PathLike) -> int:
-    """Rebuild a lost ``.idx`` by scanning the ``.rec``; keys are 0..N-1 in file order. Return N.
+def scan_offsets(rec_path: PathLike) -> np.ndarray:
+    """Byte offsets of every record of a ``.rec``, in file order (headers only are read: payloads are skipped)."""
+    return np.fromiter((offset for offset, _ in RecordReader(rec_path).scan(payloads=False)), dtype=np.int64)
 
-    This reproduces the ``.idx`` MXNet's im2rec / insightface's face2rec wrote when keys were written as
-    0, 1, 2, ... in order (the usual case); original keys that were not sequential cannot be recovered. The
-    new index is written to a temporary file and moved into place, so a failed scan leaves no partial ``.idx``.
-    """
-    rec_path, idx_path = os.fspath(rec_path), os.fspath(idx_path)
-    reader = RecordReader(rec_path)
+
+def write_index(idx_path: PathLike, keys: np.ndarray, offsets: np.ndarray) -> None:
+    """Write a ``.idx`` (``key<TAB>offset`` lines) through a temporary file, so a failure leaves no partial index."""
+    idx_path = os.fspath(idx_path)
     tmp = f"{idx_path}.tmp{os.getpid()}"
-    n = 0
     try:
         with open(tmp, "w", encoding="ascii", newline="\n") as out:
-            for n, (offset, _) in enumerate(reader.scan(payloads=False), start=1):
-                out.write(f"{n - 1}\t{offset}\n")
+            for key, offset in zip(keys.tolist(), offsets.tolist()):
+                out.write(f"{key}\t{offset}\n")
         os.replace(tmp, idx_path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return n
+
+
+def rebuild_index(rec_path: PathLike, idx_path: PathLike) -> int:
+    """Rebuild a lost ``.idx`` by scanning the ``.rec``; keys are 0..N-1 in file order. Return N.
+
+    This reproduces the ``.idx`` MXNet's im2rec wrote when keys were written as 0, 1, 2, ... in order (the usual
+    case); other key orders cannot be recovered here (``faceset.rebuild_faceset_index`` knows insightface's).
+    """
+    offsets = scan_offsets(rec_path)
+    write_index(idx_path, np.arange(len(offsets), dtype=np.int64), offsets)
+    return len(offsets)
 
 
 # ----------------------------------------------------------------------------------------------------------------
