@@ -548,35 +548,23 @@ def test_idx_offset_inside_a_payload(tmp_path):
 
 
 @pytest.mark.parametrize("bad,what", [
-    ("5\t100000\n", "past the end of the .rec file"),
-    ("5\t-4\n", "negative"),
-    ("5\t18\n", "not at a record start"),
+    ("5\t100000\n", ["key 5", "past the end of the .rec file"]),
+    ("5\t-4\n", ["key 5", "negative"]),
+    ("5\t18\n", ["key 5", "not at a record start"]),
+    ("5 40\n", ["expected 'key<TAB>offset'"]),
+    ("5\t40\textra\n", ["expected 'key<TAB>offset'"]),
+    ("five\t40\n", ["must be integers"]),
+    ("5\t4.0\n", ["must be integers"]),
+    ("1\t16\n", ["duplicate key 1 (lines 2, 3)"]),
 ])
-def test_idx_bad_offsets(tmp_path, bad, what):
+def test_idx_bad_lines_name_the_line(tmp_path, bad, what):
     rec, idx = copy_fixture(tmp_path, "magic")
     lines = idx.read_text().splitlines(keepends=True)
     lines[2] = bad
     idx.write_text("".join(lines))
     with pytest.raises(RecordIOError) as e:
         IndexedRecordReader(rec, idx)
-    assert_error(e, idx, "line 3", "key 5", what)
-
-
-@pytest.mark.parametrize("bad,what", [
-    ("5 40\n", "expected 'key<TAB>offset'"),
-    ("5\t40\textra\n", "expected 'key<TAB>offset'"),
-    ("five\t40\n", "must be integers"),
-    ("5\t4.0\n", "must be integers"),
-    ("1\t16\n", "duplicate key 1 (lines 2, 3)"),
-])
-def test_idx_malformed_lines(tmp_path, bad, what):
-    rec, idx = copy_fixture(tmp_path, "magic")
-    lines = idx.read_text().splitlines(keepends=True)
-    lines[2] = bad
-    idx.write_text("".join(lines))
-    with pytest.raises(RecordIOError) as e:
-        IndexedRecordReader(rec, idx)
-    assert_error(e, idx, "line 3", what)
+    assert_error(e, idx, "line 3", *what)
 
 
 @pytest.mark.parametrize("name", INDEXED)
