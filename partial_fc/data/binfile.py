@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 
+from partial_fc.data.decode import DecodeError, ImageTransform, decode_rgb
 from partial_fc.errors import InputError
 
 __all__ = [
@@ -351,8 +352,8 @@ def _size_hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
 def decode_image(image: ImageBuffer, *, path: Optional[PathLike] = None, index: Optional[int] = None) -> np.ndarray:
     """Decode one encoded image (bytes or uint8 array of the encoded bytes) to an RGB ``uint8`` array [H, W, 3].
 
-    Grey images come back with three equal channels. Raises :class:`BinFileError` naming ``path`` and ``index``
-    when the buffer is not a decodable image.
+    Decoded exactly as training images are (``decode.decode_rgb``); grey images come back with three equal
+    channels. Raises :class:`BinFileError` naming ``path`` and ``index`` when the buffer is not a decodable image.
     """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -362,15 +363,10 @@ def decode_image(image: ImageBuffer, *, path: Optional[PathLike] = None, index: 
         buf = np.frombuffer(image, dtype=np.uint8)
     else:
         raise BinFileError(f"image must be encoded bytes, got {type(image).__name__}", path=path, index=index)
-    bgr = None
-    if buf.size:
-        try:
-            bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-        except cv2.error:
-            bgr = None
-    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.size == 0:
-        raise BinFileError(f"cannot decode image ({buf.size} bytes): not a valid JPEG/PNG", path=path, index=index)
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    try:
+        return decode_rgb(buf)
+    except DecodeError as error:
+        raise BinFileError(str(error), path=path, index=index) from None
 
 
 def decode_images(images: Sequence[ImageBuffer], image_size: Union[int, Sequence[int]] = (112, 112), *,
@@ -381,15 +377,11 @@ def decode_images(images: Sequence[ImageBuffer], image_size: Union[int, Sequence
     any other is resized to it with ``cv2.resize(..., interpolation)``. Errors name ``path`` and the image index.
     """
     h, w = _size_hw(image_size)
-    out = torch.empty((len(images), 3, h, w), dtype=torch.float32)
+    transform = ImageTransform((h, w), flip=False, interpolation=interpolation)
+    out = np.empty((len(images), 3, h, w), dtype=np.float32)
     for i, image in enumerate(images):
-        rgb = decode_image(image, path=path, index=i)
-        if rgb.shape[0] != h or rgb.shape[1] != w:
-            rgb = cv2.resize(rgb, (w, h), interpolation=interpolation)
-        chw = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
-        out[i].copy_(chw)  # uint8 -> float32
-    out.div_(255.0).sub_(0.5).div_(0.5)
-    return out
+        transform(decode_image(image, path=path, index=i), out=out[i])
+    return torch.from_numpy(out)
 
 
 def load_bin(path: PathLike, image_size: Union[int, Sequence[int]] = (112, 112), *,

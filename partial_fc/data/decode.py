@@ -9,7 +9,7 @@ pixels do not depend on which backend is installed.
 The transform turns a decoded image into the network's input: resize (only when the size differs), random
 horizontal flip drawn from a generator the caller passes (reproducible), and ``(x / 255 - 0.5) / 0.5`` as
 float32 [3, H, W]. Normalising goes through a 256-entry table computed with exactly those float32 operations,
-so values are bit-identical to ``binfile.decode_images`` (training and evaluation see the same numbers).
+and ``binfile.decode_images`` goes through the same decoder and transform (training and evaluation see the same numbers).
 """
 
 from __future__ import annotations
