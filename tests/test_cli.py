@@ -59,7 +59,7 @@ def test_bench_data_prints_every_stage(tmp_path):
     assert job.returncode == 0, job.stderr
     result = json.loads(job.stdout.strip().splitlines()[-1])
     assert result["images"] == 30 and result["decoder"] in ("simplejpeg", "turbojpeg", "cv2")
-    for stage in ("plain_read_imdecode", "read", "decode", "augment", "pipeline", "loader_per_worker"):
+    for stage in ("plain_read_imdecode", "read", "decode", "flip", "pipeline", "normalize_cpu", "loader_per_worker"):
         assert result[f"{stage}_img_s"] > 0, stage
     assert result["pipeline_over_plain"] == pytest.approx(result["pipeline_img_s"] / result["plain_read_imdecode_img_s"], rel=1e-2)
 

@@ -15,9 +15,9 @@ from partial_fc.data.datasets import (
     StackedSamples,
     SyntheticDataset,
 )
-from partial_fc.data.decode import DecodeError, ImageTransform, decode_rgb
+from partial_fc.data.decode import DecodeError, decode_rgb
 from partial_fc.data.faceset import FaceSetWriter
-from partial_fc.data.loader import build_loader, collate, to_device
+from partial_fc.data.loader import build_loader, collate, device_batch, to_device
 from partial_fc.data.recordio import IndexedRecordWriter, IRHeader, RecordIOError, pack
 from partial_fc.data.sampler import DistributedEpochSampler, SeededBatch
 from partial_fc.data.synthetic import render_identity_image
@@ -60,11 +60,11 @@ def test_faceset_items_labels_and_classes(faceset):
     expected = np.repeat(np.arange(IDENTITIES), PER_IDENTITY)
     assert np.array_equal(ds.labels(), expected) and ds.labels().dtype == np.int64
     image, label = ds[4]
-    assert image.dtype == torch.float32 and image.shape == (3, SIZE, SIZE)
+    assert image.dtype == torch.uint8 and image.shape == (SIZE, SIZE, 3)
     assert label.dtype == torch.int64 and label.item() == 1
-    assert torch.equal(image, ImageTransform()(decode_rgb(_jpeg(1, 1))))
+    assert np.array_equal(image.numpy(), decode_rgb(_jpeg(1, 1)))
     resized = RecordFaceDataset(faceset, image_size=(16, 20), flip=False)
-    assert resized[0][0].shape == (3, 16, 20)
+    assert resized[0][0].shape == (16, 20, 3)
 
 
 def test_headerless_set_by_paths(tmp_path):
@@ -131,8 +131,7 @@ def test_image_folder(tmp_path):
     assert np.array_equal(ds.labels(), [0, 0, 1, 1, 2, 2])
     image, label = ds[3]  # bob's png
     assert label.item() == 1 and label.dtype == torch.int64
-    expected = ImageTransform()(render_identity_image(0, 0, 1, SIZE))
-    assert torch.equal(image, expected)  # png is lossless
+    assert np.array_equal(image.numpy(), render_identity_image(0, 0, 1, SIZE))  # png is lossless
 
 
 def test_image_folder_errors_name_the_folder(tmp_path):
@@ -193,9 +192,8 @@ def test_random_faces_are_deterministic():
     assert len(a) == 100 and a.num_classes == 7
     for i in (0, 63, 64, 99):
         assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
-        assert a[i][0].shape == (3, 8, 8) and a[i][0].dtype == torch.float32 and a[i][1].dtype == torch.int64
+        assert a[i][0].shape == (8, 8, 3) and a[i][0].dtype == torch.uint8 and a[i][1].dtype == torch.int64
     assert a.labels().min() >= 0 and a.labels().max() < 7
-    assert a[0][0].min() >= -1 and a[0][0].max() <= 1
     assert not torch.equal(RandomFaceDataset(100, 7, (8, 8), seed=2)[0][0], a[0][0])
 
 
@@ -231,9 +229,16 @@ def test_loader_reproducible_across_runs_workers_and_restore(faceset):
     tail, _ = _run(ds, 2, seed=3, state=state)
     assert _same(head + tail, first)
     plain, _ = _run(RecordFaceDataset(faceset, flip=False), 0, seed=3)
-    flipped = [torch.equal(f, torch.flip(p, [2])) for (fb, _), (pb, _) in zip(first, plain) for f, p in zip(fb, pb)]
+    flipped = [torch.equal(f, torch.flip(p, [1])) for (fb, _), (pb, _) in zip(first, plain) for f, p in zip(fb, pb)]
     kept = [torch.equal(f, p) for (fb, _), (pb, _) in zip(first, plain) for f, p in zip(fb, pb)]
     assert all(a or b for a, b in zip(flipped, kept)) and any(flipped) and any(kept)
+
+
+def test_device_batch_normalises_the_uint8_batch(faceset):
+    images, labels = collate(RecordFaceDataset(faceset, flip=False).__getitems__([0, 1, 2]))
+    inputs, moved = device_batch((images, labels), "cpu")
+    assert inputs.shape == (3, 3, SIZE, SIZE) and inputs.dtype == torch.float32 and torch.equal(moved, labels)
+    assert torch.equal(inputs, (images.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5)
 
 
 def test_to_device_keeps_structure():
@@ -264,12 +269,12 @@ def test_batches_are_decoded_in_place_and_match_single_items(faceset):
     samples = ds.__getitems__(batch)
     assert isinstance(samples, StackedSamples) and len(samples) == 4
     images, labels = collate(samples)
-    assert images.shape == (4, 3, SIZE, SIZE) and labels.tolist() == [1, 0, 3, 1]
+    assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == torch.uint8 and labels.tolist() == [1, 0, 3, 1]
     rng = np.random.default_rng(batch.seed)
     singles = [ds._sample(index, rng) for index in batch]  # the same draws, one image at a time
     assert torch.equal(images, torch.stack([image for image, _ in singles]))
     stacked_by_default = default_collate(samples)  # a plain DataLoader still works on them
     assert torch.equal(stacked_by_default[0], images) and torch.equal(stacked_by_default[1], labels)
     sized_by_image = RecordFaceDataset(faceset, flip=False)
-    sized_by_image.transform.size = None
+    sized_by_image.image_size = None
     assert not isinstance(sized_by_image.__getitems__([0, 1]), StackedSamples)

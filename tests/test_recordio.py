@@ -24,6 +24,7 @@ from partial_fc.data import (
     RecordWriter,
     pack,
     pack_header,
+    read_header,
     rebuild_index,
     recordio,
     unpack,
@@ -271,6 +272,23 @@ def test_images_fixture_unpacks_like_mxnet():
         assert [unpack(reader.read(k))[0].label for k in range(start, stop)] == [float(ident)] * (stop - start)
 
 
+def test_read_header_reads_only_the_header(tmp_path):
+    rec, idx = tmp_path / "h.rec", tmp_path / "h.idx"
+    headers = [IRHeader(0, 3.0, 1, 0), IRHeader(0, 2.0 ** 20, 2, 0), IRHeader(9, np.arange(9, dtype=np.float32), 3, 4)]
+    with IndexedRecordWriter(rec, idx) as w:
+        for key, header in enumerate(headers):
+            w.write(key, pack(header, b"\xff\xd8" + bytes(5000)))
+        w.write(len(headers), pack(IRHeader(0, 7.0, 0, 0), MAGIC_BYTES * 3))  # a split record
+    reader = IndexedRecordReader(rec, idx)
+    for key in reader.keys:
+        offset = reader.offset_of(key)
+        header, expected = read_header(reader, offset), unpack(reader.read(key))[0]
+        assert header[0] == expected[0] and header[2:] == expected[2:]
+        np.testing.assert_array_equal(header.label, expected.label)
+        assert reader.read_prefix(offset, 10) == reader.read(key)[:10]
+    assert reader.read_prefix(reader.offset_of(0), 10 ** 6) == reader.read(0)  # never past the record
+
+
 def test_unpack_short_records():
     with pytest.raises(RecordIOError, match="10 bytes is shorter than its 24-byte header"):
         unpack(b"\0" * 10)
@@ -311,6 +329,25 @@ def test_random_round_trip(tmp_path):
     for i in order:
         assert reader.read(keys[i]) == data[i]
         assert reader.read_at(offsets[i]) == data[i]
+    shuffled_keys = np.array([keys[i] for i in order])
+    starts = reader.offsets_of(shuffled_keys)
+    assert starts.tolist() == [offsets[i] for i in order]
+    ends = reader.record_ends(starts)
+    assert [reader.read_span(int(a), int(b)) for a, b in zip(starts, ends)] == [data[i] for i in order]
+    with pytest.raises(KeyError, match=f"no record with key {max(keys) + 1}"):
+        reader.offsets_of(np.array([keys[0], max(keys) + 1]))
+
+
+def test_read_span_checks_what_it_cannot_read_in_one_go(tmp_path):
+    rec, idx = copy_fixture(tmp_path, "magic")
+    reader = IndexedRecordReader(rec, idx)
+    starts = reader.offsets_of(reader.key_array)
+    ends = reader.record_ends(starts)
+    assert ends[-1] == rec.stat().st_size and (ends > starts).all()
+    assert [reader.read_span(int(a), int(b)) for a, b in zip(starts, ends)] == [reader.read(k) for k in reader.keys]
+    assert reader.read_span(int(starts[1]), int(starts[1]) + 4) == reader.read_at(int(starts[1]))  # span too short
+    with pytest.raises(RecordIOError, match="not at a record start"):
+        reader.read_span(int(starts[1]) + 4, int(ends[1]))
 
 
 def test_sequential_keys_use_direct_lookup(tmp_path):

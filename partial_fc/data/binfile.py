@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import torch
 
-from partial_fc.data.decode import DecodeError, ImageTransform, decode_rgb
+from partial_fc.data.decode import DecodeError, decode_into, decode_rgb, normalize_images
 from partial_fc.errors import InputError
 
 __all__ = [
@@ -349,22 +349,25 @@ def _size_hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return h, w
 
 
+def _encoded_bytes(image: ImageBuffer, *, path: Optional[PathLike], index: Optional[int]) -> np.ndarray:
+    """One stored image (bytes, or a uint8 array of the encoded bytes) as a flat uint8 array; else BinFileError."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise BinFileError(f"image array must be uint8, got {image.dtype}", path=path, index=index)
+        return np.ascontiguousarray(image).reshape(-1)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return np.frombuffer(image, dtype=np.uint8)
+    raise BinFileError(f"image must be encoded bytes, got {type(image).__name__}", path=path, index=index)
+
+
 def decode_image(image: ImageBuffer, *, path: Optional[PathLike] = None, index: Optional[int] = None) -> np.ndarray:
     """Decode one encoded image (bytes or uint8 array of the encoded bytes) to an RGB ``uint8`` array [H, W, 3].
 
     Decoded exactly as training images are (``decode.decode_rgb``); grey images come back with three equal
     channels. Raises :class:`BinFileError` naming ``path`` and ``index`` when the buffer is not a decodable image.
     """
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise BinFileError(f"image array must be uint8, got {image.dtype}", path=path, index=index)
-        buf = np.ascontiguousarray(image).reshape(-1)
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        buf = np.frombuffer(image, dtype=np.uint8)
-    else:
-        raise BinFileError(f"image must be encoded bytes, got {type(image).__name__}", path=path, index=index)
     try:
-        return decode_rgb(buf)
+        return decode_rgb(_encoded_bytes(image, path=path, index=index))
     except DecodeError as error:
         raise BinFileError(str(error), path=path, index=index) from None
 
@@ -377,11 +380,13 @@ def decode_images(images: Sequence[ImageBuffer], image_size: Union[int, Sequence
     any other is resized to it with ``cv2.resize(..., interpolation)``. Errors name ``path`` and the image index.
     """
     h, w = _size_hw(image_size)
-    transform = ImageTransform((h, w), flip=False, interpolation=interpolation)
-    out = np.empty((len(images), 3, h, w), dtype=np.float32)
+    pixels = np.empty((len(images), h, w, 3), dtype=np.uint8)
     for i, image in enumerate(images):
-        transform(decode_image(image, path=path, index=i), out=out[i])
-    return torch.from_numpy(out)
+        try:
+            decode_into(_encoded_bytes(image, path=path, index=i), pixels[i], interpolation=interpolation)
+        except DecodeError as error:
+            raise BinFileError(str(error), path=path, index=i) from None
+    return normalize_images(torch.from_numpy(pixels)).contiguous()
 
 
 def load_bin(path: PathLike, image_size: Union[int, Sequence[int]] = (112, 112), *,

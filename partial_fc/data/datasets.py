@@ -1,6 +1,6 @@
 """Training and verification datasets: RecordIO face sets, image folders, pair lists, random in-memory faces.
 
-Training datasets return ``(image float32 [3, H, W], label int64 scalar tensor)`` and are safe in forked
+Training datasets return ``(image uint8 RGB [H, W, 3], label int64 scalar tensor)`` and are safe in forked
 DataLoader workers (files are opened lazily in each process; index arrays are numpy, so forked workers share
 them without copy-on-write growth). A batch that comes as a ``SeededBatch`` (from ``EpochBatchSampler``) draws
 its flips from the batch's own seed; single items draw from a per-process generator seeded from torch's
@@ -9,6 +9,7 @@ initial seed (which DataLoader sets per worker).
 A batch of a fixed image size is decoded straight into one batch tensor (in shared memory inside a worker, as
 DataLoader's own collate does) and comes back as ``StackedSamples``: still a list of ``(image, label)`` views,
 so any collate function works, but ``loader.collate`` hands the batch tensors on without stacking a copy.
+Verification sets (pair lists) come normalised, float32 [N, 3, H, W], as ``binfile.load_bin`` gives them.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from partial_fc.data.decode import ImageTransform, decode_rgb, normalize_lut
+from partial_fc.data.decode import Buffer, DecodeError, decode_into, decode_rgb, flip_images, normalize_images
 from partial_fc.data.faceset import read_faceset_index, read_property, record_label
-from partial_fc.data.recordio import IndexedRecordReader, IRHeader, RecordIOError, unpack
+from partial_fc.data.recordio import IndexedRecordReader, IRHeader, RecordIOError, read_header, unpack
 from partial_fc.data.sampler import SeededBatch
 from partial_fc.errors import InputError
 
@@ -49,7 +50,7 @@ class DatasetError(InputError):
 
 
 class StackedSamples(list):
-    """A batch's ``(image, label)`` samples as views of one images tensor [B, 3, H, W] and one labels tensor [B]."""
+    """A batch's ``(image, label)`` samples as views of one uint8 images tensor [B, H, W, 3] and one labels [B]."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         super().__init__(zip(images.unbind(0), labels.unbind(0)))
@@ -57,23 +58,49 @@ class StackedSamples(list):
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An empty float32 tensor; in a DataLoader worker its storage is shared memory, so sending it copies nothing."""
+    """An empty uint8 tensor; in a DataLoader worker its storage is shared memory, so sending it copies nothing."""
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 4)  # what DataLoader's default collate uses
-    return torch.empty(0, dtype=torch.float32).set_(storage).view(shape)
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))  # what DataLoader's default collate uses
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+def _image_size(size: Size) -> Size:
+    """``(height, width)`` as ints, checked positive; None stays None (each image keeps its own size)."""
+    if size is None:
+        return None
+    height, width = int(size[0]), int(size[1])
+    if height <= 0 or width <= 0:
+        raise InputError(f"image size must be positive, got {size}")
+    return height, width
 
 
 class _FaceDataset(Dataset):
-    """Shared sample path: load ``(rgb, label)``, transform with the batch's or this process's generator."""
+    """Shared sample path: decode into uint8 [H, W, 3], flip with the batch's or this process's generator.
+
+    Samples are ``(uint8 RGB [H, W, 3], int64 label)``; ``decode.normalize_images`` makes network input of a
+    batch on the device it is trained on.
+    """
 
     def __init__(self, image_size: Size, flip: bool):
-        self.transform = ImageTransform(image_size, flip)
+        self.image_size = _image_size(image_size)
+        self.flip = flip
         self._rng: tuple[int, np.random.Generator] | None = None  # (pid, generator), made on first use
 
-    def _load(self, index: int) -> tuple[np.ndarray, int]:
-        """The decoded RGB image and the class of sample ``index``."""
+    def _read(self, index: int) -> tuple[Buffer, int]:
+        """The encoded image of sample ``index`` and its class."""
         raise NotImplementedError
+
+    def _source(self, index: int) -> str:
+        """How errors name sample ``index`` (its file, and key or path)."""
+        raise NotImplementedError
+
+    def _decode_into(self, index: int, payload: Buffer, out: np.ndarray) -> None:
+        """Decode sample ``index``'s payload into ``out``; a ``DecodeError`` names the sample."""
+        try:
+            decode_into(payload, out)
+        except DecodeError as error:
+            raise DecodeError(str(error), self._source(index)) from None
 
     def _process_rng(self) -> np.random.Generator:
         """This process's generator, seeded from ``torch.initial_seed()`` (distinct per DataLoader worker)."""
@@ -83,26 +110,35 @@ class _FaceDataset(Dataset):
         return self._rng[1]
 
     def _sample(self, index: int, rng: np.random.Generator) -> Sample:
-        """Load and transform one sample on its own (no batch tensor)."""
-        rgb, label = self._load(index)
-        return self.transform(rgb, rng), torch.tensor(label, dtype=torch.int64)
+        """Load one sample on its own (no batch tensor); one flip draw from ``rng`` when flipping."""
+        payload, label = self._read(index)
+        if self.image_size is None:
+            image = decode_rgb(payload, self._source(index))
+        else:
+            image = np.empty((*self.image_size, 3), dtype=np.uint8)
+            self._decode_into(index, payload, image)
+        if self.flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.tensor(label, dtype=torch.int64)
 
     def __getitem__(self, index: int) -> Sample:
         """One ``(image, label)``, flipped (when enabled) by this process's generator."""
         return self._sample(index, self._process_rng())
 
     def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
-        """A batch; a ``SeededBatch`` draws its flips from its own seed, so they do not depend on the worker."""
+        """A batch decoded into one uint8 tensor; a ``SeededBatch`` draws its flips from its own seed, so they do
+        not depend on the worker (the same draws, in order, as loading its samples one by one)."""
         rng = np.random.default_rng(indices.seed) if isinstance(indices, SeededBatch) else self._process_rng()
-        size = self.transform.size
-        if size is None:  # images keep their own sizes: no common batch tensor
+        if self.image_size is None:  # images keep their own sizes: no common batch tensor
             return [self._sample(index, rng) for index in indices]
-        images = _batch_tensor((len(indices), 3, *size))
+        images = _batch_tensor((len(indices), *self.image_size, 3))
         labels = torch.empty(len(indices), dtype=torch.int64)
-        slots = images.numpy()
+        slots, label_values = images.numpy(), labels.numpy()
         for slot, index in enumerate(indices):
-            rgb, labels[slot] = self._load(index)
-            self.transform(rgb, rng, out=slots[slot])
+            payload, label_values[slot] = self._read(index)
+            self._decode_into(index, payload, slots[slot])
+        if self.flip:
+            flip_images(slots, rng.random(len(indices)) < 0.5)
         return StackedSamples(images, labels)
 
 
@@ -130,6 +166,8 @@ class RecordFaceDataset(_FaceDataset):
         super().__init__(image_size, flip)
         index = read_faceset_index(self.reader)
         self.image_keys = index.image_keys
+        self._offsets = self.reader.offsets_of(self.image_keys)
+        self._ends = self.reader.record_ends(self._offsets)
         self._num_classes = num_classes if num_classes is not None else index.num_identities
         self._labels: np.ndarray | None = None
 
@@ -155,16 +193,17 @@ class RecordFaceDataset(_FaceDataset):
         """Every image's class (int64, in sample order), read from the record headers without decoding; checked."""
         if self._labels is None:
             labels = np.empty(len(self.image_keys), dtype=np.int64)
-            for i, key in enumerate(self.image_keys.tolist()):
-                labels[i] = self._label(unpack(self.reader.read(key))[0], key)
+            for i, (key, offset) in enumerate(zip(self.image_keys.tolist(), self._offsets.tolist())):
+                labels[i] = self._label(read_header(self.reader, offset), key)
             self._labels = labels
         return self._labels
 
-    def _load(self, index: int) -> tuple[np.ndarray, int]:
-        key = int(self.image_keys[index])
-        header, payload = unpack(self.reader.read(key))
-        label = self._label(header, key)
-        return decode_rgb(payload, f"{self.reader.path}, key {key}"), label
+    def _read(self, index: int) -> tuple[Buffer, int]:
+        header, payload = unpack(self.reader.read_span(int(self._offsets[index]), int(self._ends[index])))
+        return payload, self._label(header, int(self.image_keys[index]))
+
+    def _source(self, index: int) -> str:
+        return f"{self.reader.path}, key {int(self.image_keys[index])}"
 
 
 class ImageFolderDataset(_FaceDataset):
@@ -211,9 +250,11 @@ class ImageFolderDataset(_FaceDataset):
         """The file of sample ``index``."""
         return self.root / os.fsdecode(self._paths[index])
 
-    def _load(self, index: int) -> tuple[np.ndarray, int]:
-        path = self.path(index)
-        return decode_rgb(path.read_bytes(), str(path)), int(self._labels[index])
+    def _read(self, index: int) -> tuple[Buffer, int]:
+        return self.path(index).read_bytes(), int(self._labels[index])
+
+    def _source(self, index: int) -> str:
+        return str(self.path(index))
 
 
 class PairListDataset(Dataset):
@@ -222,8 +263,7 @@ class PairListDataset(Dataset):
     def __init__(self, pair_list: PathLike, image_root: PathLike, image_size: tuple[int, int] = (112, 112)):
         """Parse the list now (a malformed line is an error naming file and line); images load on demand."""
         self.pair_list, self.image_root = Path(pair_list), Path(image_root)
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.transform = ImageTransform(self.image_size)
+        self.image_size = _image_size(image_size)
         self.pairs: list[tuple[str, str, bool]] = []
         with open(self.pair_list, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
@@ -240,28 +280,28 @@ class PairListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _image(self, relative: str, out: np.ndarray | None = None) -> torch.Tensor:
-        """One listed image, normalised (into ``out`` when given); unreadable files name the list too."""
-        path = self.image_root / relative
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise DatasetError(f"{path} (listed in {self.pair_list}): cannot read: {exc.strerror}") from None
-        return self.transform(decode_rgb(data, str(path)), out=out)
+    def _images(self, relatives: Sequence[str]) -> torch.Tensor:
+        """Listed images, normalised [N, 3, H, W]; unreadable files name the list too."""
+        pixels = np.empty((len(relatives), *self.image_size, 3), dtype=np.uint8)
+        for slot, relative in enumerate(relatives):
+            path = self.image_root / relative
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise DatasetError(f"{path} (listed in {self.pair_list}): cannot read: {exc.strerror}") from None
+            decode_into(data, pixels[slot], str(path))
+        return normalize_images(torch.from_numpy(pixels)).contiguous()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Pair ``index``: both images (normalised [3, H, W]) and whether they show the same identity."""
         first, second, issame = self.pairs[index]
-        return self._image(first), self._image(second), issame
+        images = self._images([first, second])
+        return images[0], images[1], issame
 
     def load(self) -> tuple[torch.Tensor, list[bool]]:
         """Every pair as ``(images [2N, 3, H, W], issame [N])``, the form ``load_bin`` returns and
         ``evaluate_model`` takes (pair ``i`` is images ``2i`` and ``2i + 1``)."""
-        paths = [path for first, second, _ in self.pairs for path in (first, second)]
-        images = torch.empty((len(paths), 3, *self.image_size), dtype=torch.float32)
-        slots = images.numpy()
-        for slot, path in enumerate(paths):
-            self._image(path, out=slots[slot])
+        images = self._images([path for first, second, _ in self.pairs for path in (first, second)])
         return images, [issame for _, _, issame in self.pairs]
 
 
@@ -270,13 +310,13 @@ class RandomFaceDataset(Dataset):
 
     def __init__(self, num_samples: int, num_classes: int, image_size: tuple[int, int] = (112, 112),
                  seed: int = 0, distinct_images: int = 64):
-        """``num_samples`` samples; images cycle through ``distinct_images`` normalised random ones."""
+        """``num_samples`` samples; images cycle through ``distinct_images`` random uint8 [H, W, 3] ones."""
         if num_samples < 1 or num_classes < 1 or distinct_images < 1:
             raise InputError("num_samples, num_classes and distinct_images must be positive, got "
                              f"{num_samples}, {num_classes}, {distinct_images}")
         rng = np.random.default_rng([seed, 0xBE4C])
-        pixels = rng.integers(0, 256, size=(min(distinct_images, num_samples), 3, *image_size), dtype=np.uint8)
-        self.images = torch.from_numpy(normalize_lut()[pixels])
+        pixels = rng.integers(0, 256, size=(min(distinct_images, num_samples), *image_size, 3), dtype=np.uint8)
+        self.images = torch.from_numpy(pixels)
         self._labels = torch.from_numpy(rng.integers(0, num_classes, size=num_samples, dtype=np.int64))
         self.num_classes = num_classes
 

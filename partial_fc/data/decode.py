@@ -1,4 +1,4 @@
-"""Image decoding (libjpeg-turbo bindings when installed, OpenCV otherwise) and the training transform.
+"""Image decoding (libjpeg-turbo bindings when installed, OpenCV otherwise), flips, and normalisation.
 
 Decoding always gives RGB ``uint8`` [H, W, 3]. JPEGs go to the fastest binding importable at start-up:
 ``simplejpeg``, then PyTurboJPEG (``turbojpeg``, which also needs the libturbojpeg shared library), else
@@ -6,15 +6,18 @@ Decoding always gives RGB ``uint8`` [H, W, 3]. JPEGs go to the fastest binding i
 backend accepts what OpenCV accepts. OpenCV is told to ignore EXIF orientation, as the bindings do, so the
 pixels do not depend on which backend is installed.
 
-The transform turns a decoded image into the network's input: resize (only when the size differs), random
-horizontal flip drawn from a generator the caller passes (reproducible), and ``(x / 255 - 0.5) / 0.5`` as
-float32 [3, H, W]. Normalising goes through a 256-entry table computed with exactly those float32 operations,
-and ``binfile.decode_images`` goes through the same decoder and transform (training and evaluation see the same numbers).
+Loading stays in ``uint8``: ``decode_into`` decodes (and resizes, only when the size differs) straight into a
+slot of a batch [B, H, W, 3], and ``flip_images`` mirrors the chosen slots in place. ``normalize_images`` then
+turns a whole batch into the network's input, ``(x / 255 - 0.5) / 0.5`` as float32 [B, 3, H, W], on the
+device the batch was moved to (a quarter of the bytes to copy, and no per-image float work in the loader's
+workers). It goes through a 256-entry table computed with exactly those float32 operations, and the
+verification loaders use the same two functions, so training and evaluation see the same numbers.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from types import ModuleType
+from typing import Callable, NamedTuple, Union
 
 import cv2
 import numpy as np
@@ -22,7 +25,7 @@ import torch
 
 from partial_fc.errors import InputError
 
-__all__ = ["DECODER", "DecodeError", "ImageTransform", "decode_rgb", "normalize_lut"]
+__all__ = ["DECODER", "DecodeError", "decode_into", "decode_rgb", "flip_images", "normalize_images", "normalize_lut"]
 
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
 
@@ -39,24 +42,45 @@ class DecodeError(InputError):
         self.source = source
 
 
-def _fast_jpeg_decoder() -> tuple[str, Callable[[Buffer], np.ndarray] | None]:
-    """The fastest installed libjpeg-turbo binding, as ``(name, decode-to-RGB)``; ``("cv2", None)`` when none."""
+class JpegBackend(NamedTuple):
+    """A JPEG decoder: its name, decode-to-RGB, and decode-into-a-slot (None when it cannot write in place)."""
+
+    name: str
+    decode: Callable[[np.ndarray], np.ndarray] | None
+    decode_into: Callable[[np.ndarray, np.ndarray], bool] | None
+
+
+def _simplejpeg_into(simplejpeg: ModuleType) -> Callable[[np.ndarray, np.ndarray], bool]:
+    """simplejpeg's in-place decode: False (nothing written) when the JPEG's size is not the slot's."""
+
+    def decode_into(data: np.ndarray, out: np.ndarray) -> bool:
+        if tuple(simplejpeg.decode_jpeg_header(data)[:2]) != out.shape[:2]:
+            return False
+        simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+        return True
+
+    return decode_into
+
+
+def _fast_jpeg_decoder() -> JpegBackend:
+    """The fastest installed libjpeg-turbo binding; ``JpegBackend("cv2", None, None)`` when none is."""
     try:
         import simplejpeg
 
-        return "simplejpeg", lambda data: simplejpeg.decode_jpeg(data, colorspace="RGB")
+        return JpegBackend("simplejpeg", lambda data: simplejpeg.decode_jpeg(data, colorspace="RGB"),
+                           _simplejpeg_into(simplejpeg))
     except ImportError:
         pass
     try:
         from turbojpeg import TJPF_RGB, TurboJPEG
 
         turbo = TurboJPEG()  # raises when the libturbojpeg shared library is missing
-        return "turbojpeg", lambda data: turbo.decode(data, pixel_format=TJPF_RGB)
+        return JpegBackend("turbojpeg", lambda data: turbo.decode(data, pixel_format=TJPF_RGB), None)
     except (ImportError, OSError, RuntimeError):
-        return "cv2", None
+        return JpegBackend("cv2", None, None)
 
 
-DECODER, _decode_jpeg = _fast_jpeg_decoder()
+DECODER, _decode_jpeg, _decode_jpeg_into = _fast_jpeg_decoder()
 """Which backend decodes JPEGs in this process: ``"simplejpeg"``, ``"turbojpeg"`` or ``"cv2"``."""
 
 
@@ -71,11 +95,17 @@ def _decode_cv2(buf: np.ndarray) -> np.ndarray | None:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if _CV2_GIVES_BGR else image
 
 
-def decode_rgb(data: Buffer, source: str | None = None) -> np.ndarray:
-    """Decode an encoded image to RGB uint8 [H, W, 3]; ``DecodeError`` naming ``source`` when it is not one."""
+def _encoded(data: Buffer, source: str | None) -> np.ndarray:
+    """Encoded image bytes as a flat uint8 array (no copy); ``DecodeError`` for any other array."""
     buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
     if buf.dtype != np.uint8 or buf.ndim != 1:
         raise DecodeError(f"expected encoded image bytes, got an array of {buf.dtype} {buf.shape}", source)
+    return buf
+
+
+def decode_rgb(data: Buffer, source: str | None = None) -> np.ndarray:
+    """Decode an encoded image to RGB uint8 [H, W, 3]; ``DecodeError`` naming ``source`` when it is not one."""
+    buf = _encoded(data, source)
     if _decode_jpeg is not None and buf[:2].tobytes() == _JPEG_MAGIC:
         try:
             image = _decode_jpeg(buf)
@@ -90,6 +120,36 @@ def decode_rgb(data: Buffer, source: str | None = None) -> np.ndarray:
     return image
 
 
+def decode_into(data: Buffer, out: np.ndarray, source: str | None = None,
+                interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    """Decode an encoded image into ``out`` (C-contiguous RGB uint8 [H, W, 3], e.g. a batch slot) and return it.
+
+    A JPEG already of ``out``'s size is decoded in place, with no intermediate array; any other image is
+    decoded and then resized into ``out``.
+    """
+    if out.dtype != np.uint8 or out.ndim != 3 or out.shape[2] != 3 or not out.flags.c_contiguous:
+        raise InputError(f"out must be a contiguous uint8 [H, W, 3] array, got {out.dtype} {out.shape}")
+    buf = _encoded(data, source)
+    if _decode_jpeg_into is not None and buf[:2].tobytes() == _JPEG_MAGIC:
+        try:
+            if _decode_jpeg_into(buf, out):
+                return out
+        except (ValueError, OSError):
+            pass  # decode_rgb below retries with OpenCV, or names the source
+    rgb = decode_rgb(buf, source)
+    if rgb.shape[:2] == out.shape[:2]:
+        out[...] = rgb
+    else:
+        cv2.resize(rgb, (out.shape[1], out.shape[0]), dst=out, interpolation=interpolation)
+    return out
+
+
+def flip_images(images: np.ndarray, flags: np.ndarray) -> None:
+    """Mirror horizontally, in place, the images of a uint8 batch [B, H, W, C] whose ``flags`` are true."""
+    for index in np.flatnonzero(flags):
+        cv2.flip(images[index], 1, dst=images[index])  # in place: no fancy-indexed copy of the batch
+
+
 def normalize_lut() -> np.ndarray:
     """``(x / 255 - 0.5) / 0.5`` in float32 for every uint8 ``x``: the normalisation as a lookup table."""
     x = np.arange(256, dtype=np.float32)
@@ -97,44 +157,26 @@ def normalize_lut() -> np.ndarray:
 
 
 _LUT = normalize_lut()
+_DEVICE_LUTS: dict[torch.device, torch.Tensor] = {}
 
 
-class ImageTransform:
-    """RGB uint8 [H, W, 3] -> normalised float32 [3, H, W]: resize if needed, then a random horizontal flip."""
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """A uint8 batch [B, H, W, 3] (on any device) as normalised float32 [B, 3, H, W] on the same device.
 
-    def __init__(self, size: tuple[int, int] | None = None, flip: bool = False,
-                 interpolation: int = cv2.INTER_LINEAR):
-        """``size`` is (height, width) or None to keep each image's size; ``flip`` draws one flip per image."""
-        if size is not None:
-            size = (int(size[0]), int(size[1]))
-            if size[0] <= 0 or size[1] <= 0:
-                raise InputError(f"image size must be positive, got {size}")
-        self.size = size
-        self.flip = flip
-        self.interpolation = interpolation
-
-    def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, flip={self.flip})"
-
-    def __call__(self, rgb: np.ndarray, rng: np.random.Generator | None = None,
-                 out: np.ndarray | None = None) -> torch.Tensor:
-        """Transform one image; ``rng`` (required when ``flip``) decides the flip with probability 1/2.
-
-        ``out``, a C-contiguous float32 [3, H, W] array (a slot of a batch), receives the result instead of a
-        new array, so a batch is written in place and never stacked.
-        """
-        if self.size is not None and rgb.shape[:2] != self.size:
-            rgb = cv2.resize(rgb, (self.size[1], self.size[0]), interpolation=self.interpolation)
-        if self.flip:
-            if rng is None:
-                raise InputError("ImageTransform(flip=True) needs a numpy Generator to draw the flip from")
-            if rng.random() < 0.5:
-                rgb = cv2.flip(rgb, 1)
-        if out is None:
-            out = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
-        elif out.shape != (3, *rgb.shape[:2]) or out.dtype != np.float32 or not out.flags.c_contiguous:
-            raise InputError(f"out must be a contiguous float32 array of shape {(3, *rgb.shape[:2])}, got "
-                             f"{out.dtype} {out.shape}")
-        for channel, plane in enumerate(cv2.split(rgb)):  # de-interleave and normalise, one pass per channel
-            cv2.LUT(plane, _LUT, dst=out[channel])
-        return torch.from_numpy(out)
+    The result is a channels-last view (the layout convolutions prefer on GPUs); ``.contiguous()`` gives NCHW.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3] != 3:
+        raise InputError(f"expected a uint8 batch [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+    if images.device.type == "cpu":
+        pixels = images.contiguous().numpy()
+        out = np.empty(pixels.shape, dtype=np.float32)
+        rows = pixels.shape[0] * pixels.shape[1]
+        if out.size:
+            cv2.LUT(pixels.reshape(rows, -1), _LUT, dst=out.reshape(rows, -1))
+        normalised = torch.from_numpy(out)
+    else:
+        lut = _DEVICE_LUTS.get(images.device)
+        if lut is None:
+            lut = _DEVICE_LUTS[images.device] = torch.from_numpy(_LUT).to(images.device)
+        normalised = lut[images.long()]
+    return normalised.permute(0, 3, 1, 2)

@@ -17,9 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from partial_fc.data.datasets import StackedSamples
+from partial_fc.data.decode import normalize_images
 from partial_fc.data.sampler import DistributedEpochSampler, EpochBatchSampler
 
-__all__ = ["EpochLoader", "WorkerSeeder", "build_loader", "collate", "to_device"]
+__all__ = ["EpochLoader", "WorkerSeeder", "build_loader", "collate", "device_batch", "to_device"]
 
 
 def collate(samples: Any) -> Any:
@@ -102,3 +103,10 @@ def to_device(batch: Batch, device: str | torch.device) -> Batch:
         moved = [to_device(value, device) for value in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
+
+
+def device_batch(batch: tuple[torch.Tensor, torch.Tensor], device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader's ``(uint8 images [B, H, W, 3], labels)`` as network input on ``device``: the uint8 pixels are
+    copied (a quarter of the float bytes), then normalised there to float32 [B, 3, H, W] (channels-last)."""
+    images, labels = batch
+    return normalize_images(to_device(images, device)), to_device(labels, device)

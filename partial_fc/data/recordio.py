@@ -46,6 +46,7 @@ __all__ = [
     "RecordWriter",
     "pack",
     "pack_header",
+    "read_header",
     "rebuild_index",
     "scan_offsets",
     "unpack",
@@ -329,6 +330,34 @@ class RecordReader:
         assert payload is not None
         return payload
 
+    def read_span(self, offset: int, end: int) -> bytes:
+        """The payload of the record at ``offset``, read with one ``pread`` of ``[offset, end)``.
+
+        ``end`` is where the next record starts (``record_ends`` gives it), so a whole record comes in one system
+        call with no seek and no lock. Anything unusual (a split record, a short read, a bad header) is read
+        again through ``read_at``, whose checks name the problem.
+        """
+        fh, _ = self._handle()
+        data = os.pread(fh.fileno(), end - offset, offset) if end > offset else b""
+        if len(data) >= _HEAD.size:
+            magic, lrec = _HEAD.unpack_from(data)
+            length = lrec & _LENGTH_MASK
+            if magic == MAGIC and lrec >> _LENGTH_BITS == 0 and _HEAD.size + length <= len(data):
+                return data[_HEAD.size:_HEAD.size + length]
+        return self.read_at(offset)
+
+    def read_prefix(self, offset: int, size: int) -> bytes:
+        """The first ``size`` bytes of the payload of the record at ``offset`` (all of it when shorter), read with
+        one ``pread`` of just those bytes; a split record, or anything unusual, goes through ``read_at``."""
+        fh, _ = self._handle()
+        data = os.pread(fh.fileno(), _HEAD.size + size, offset)
+        if len(data) >= _HEAD.size:
+            magic, lrec = _HEAD.unpack_from(data)
+            want = _HEAD.size + min(size, lrec & _LENGTH_MASK)
+            if magic == MAGIC and lrec >> _LENGTH_BITS == 0 and len(data) >= want:
+                return data[_HEAD.size:want]
+        return self.read_at(offset)[:size]
+
     def __iter__(self) -> Iterator[bytes]:
         """Every payload in file order (reads through its own handle, so it does not disturb ``read_at``)."""
         for _, payload in self.scan():
@@ -550,6 +579,29 @@ class IndexedRecordReader(RecordReader):
             raise KeyError(f"{self.idx_path}: no record with key {k}")
         return int(self._offsets[i])
 
+    def offsets_of(self, keys: np.ndarray) -> np.ndarray:
+        """Byte offsets (int64) of the records of ``keys``, vectorised (``KeyError`` naming the first absent key)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self._base is not None:
+            rows = keys - self._base
+            present = (rows >= 0) & (rows < len(self._keys))
+        else:
+            sorted_keys = self._sorted_keys if self._sorted_keys is not None else np.empty(0, np.int64)
+            places = np.minimum(np.searchsorted(sorted_keys, keys), max(len(sorted_keys) - 1, 0))
+            present = sorted_keys[places] == keys if len(sorted_keys) else np.zeros(len(keys), bool)
+            rows = self._sorter[places] if self._sorter is not None else places
+        if not present.all():
+            raise KeyError(f"{self.idx_path}: no record with key {int(keys[np.argmin(present)])}")
+        return self._offsets[rows]
+
+    def record_ends(self, offsets: np.ndarray) -> np.ndarray:
+        """For each record offset, where the next indexed record starts (the file size after the last one): an
+        upper bound of the record's bytes, for ``read_span``."""
+        starts = np.unique(self._offsets)
+        following = np.searchsorted(starts, np.asarray(offsets, dtype=np.int64), side="right")
+        bounded = np.append(starts, os.path.getsize(self.path))
+        return bounded[following]
+
     def read(self, key: int) -> bytes:
         """The payload stored under ``key`` (``KeyError`` if absent; ``RecordIOError`` if the record is bad)."""
         offset = self.offset_of(key)
@@ -684,6 +736,14 @@ def pack(header: IRHeader | Sequence[Any], payload: bytes) -> bytes:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise RecordIOError(f"payload must be bytes-like, got {type(payload).__name__}")
     return pack_header(header) + bytes(payload)
+
+
+def read_header(reader: RecordReader, offset: int) -> IRHeader:
+    """The image-record header (with its float32 labels) of the record at ``offset``, without reading the image."""
+    head = reader.read_prefix(offset, _IR.size)
+    if len(head) == _IR.size and _IR.unpack_from(head)[0] > 0:
+        head = reader.read_prefix(offset, _IR.size + 4 * _IR.unpack_from(head)[0])
+    return unpack(head)[0]
 
 
 def unpack(record: bytes) -> tuple[IRHeader, bytes]:
