@@ -1,12 +1,19 @@
-"""A single-process float64 reference for the Partial FC head: full softmax with the margin, plain PyTorch."""
+"""A single-process float64 reference for the Partial FC head: full softmax with the margin, plain PyTorch.
+
+Also: arcface_torch's inter-class filtering of negatives, and a lazy (per-row) AdamW built from
+torch.optim.AdamW itself.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+
+from tests.numerics import relative_error
 
 
 def reference_margin_logits(cosine: torch.Tensor, labels: torch.Tensor, s, m1, m2, m3) -> torch.Tensor:
@@ -20,8 +27,23 @@ def reference_margin_logits(cosine: torch.Tensor, labels: torch.Tensor, s, m1, m
     return (cosine * s).index_put((rows, labels), target_logit * s)
 
 
-def reference_loss(embeddings, centers, labels, s, m1, m2, m3) -> torch.Tensor:
-    cosine = F.linear(F.normalize(embeddings), F.normalize(centers)).clamp(-1.0, 1.0)
+def reference_cosines(embeddings, centers) -> torch.Tensor:
+    """Clamped cosines [B, C] of every embedding with every center."""
+    return F.linear(F.normalize(embeddings), F.normalize(centers)).clamp(-1.0, 1.0)
+
+
+def negatives_above(cosine: torch.Tensor, labels: torch.Tensor, threshold: float) -> torch.Tensor:
+    """arcface_torch's filter: the non-target entries whose cosine exceeds `threshold` (a [B, C] bool mask)."""
+    dirty = cosine.detach() > threshold
+    dirty[torch.arange(cosine.shape[0]), labels] = False
+    return dirty
+
+
+def reference_loss(embeddings, centers, labels, s, m1, m2, m3, threshold: float = 0.0) -> torch.Tensor:
+    """Margin cross-entropy; with threshold > 0 filtered negatives become cosine 0 with no gradient."""
+    cosine = reference_cosines(embeddings, centers)
+    if threshold > 0:
+        cosine = cosine * (~negatives_above(cosine, labels, threshold)).to(cosine.dtype)
     return F.cross_entropy(reference_margin_logits(cosine, labels, s, m1, m2, m3), labels)
 
 
@@ -53,18 +75,71 @@ def make_problem(world_size: int, classes: int, dim: int, steps: int, seed: int)
     return Problem(sizes, embeddings, labels, centers)
 
 
-def reference_run(problem: Problem, s, m1, m2, m3) -> list[dict]:
-    """Per step: loss, embedding gradient and all centers after torch.optim.SGD, in float64."""
+def reference_run(
+    problem: Problem,
+    s,
+    m1,
+    m2,
+    m3,
+    threshold: float = 0.0,
+    optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
+) -> list[dict]:
+    """Per step: loss, embedding gradient and all centers after torch.optim.SGD (or `optimizer`), in float64."""
     centers = problem.centers.clone().requires_grad_(True)
-    optimizer = torch.optim.SGD(
-        [centers], lr=problem.lr, momentum=problem.momentum, weight_decay=problem.weight_decay
-    )
+    if optimizer is None:
+        optimizer = torch.optim.SGD(
+            [centers], lr=problem.lr, momentum=problem.momentum, weight_decay=problem.weight_decay
+        )
+    else:
+        optimizer = optimizer([centers])
     out = []
     for embeddings, labels in zip(problem.embeddings, problem.labels):
         embeddings = embeddings.clone().requires_grad_(True)
         optimizer.zero_grad()
-        loss = reference_loss(embeddings, centers, labels, s, m1, m2, m3)
+        loss = reference_loss(embeddings, centers, labels, s, m1, m2, m3, threshold)
         loss.backward()
         optimizer.step()
         out.append({"loss": loss.item(), "grad": embeddings.grad.clone(), "centers": centers.detach().clone()})
     return out
+
+
+def adamw(lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+    """A factory of torch.optim.AdamW with these settings, for `reference_run`."""
+    return lambda params: torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def lazy_adamw_rows(
+    weight: torch.Tensor, state: dict, index: torch.Tensor, grad: torch.Tensor, **settings
+) -> tuple[torch.Tensor, dict]:
+    """Rows `index` (by `grad`) stepped one at a time by torch.optim.AdamW from their own step count and moments.
+
+    `state` holds per-row `step`, `exp_avg`, `exp_avg_sq`; returns new copies of the weight and the state.
+    """
+    weight = weight.clone()
+    state = {key: value.clone() for key, value in state.items()}
+    for row, row_grad in zip(index.tolist(), grad):
+        param = weight[row].clone().requires_grad_(True)
+        param.grad = row_grad.clone()
+        optimizer = torch.optim.AdamW([param], **settings)
+        optimizer.state[param] = {
+            "step": torch.tensor(float(state["step"][row])),
+            "exp_avg": state["exp_avg"][row].clone(),
+            "exp_avg_sq": state["exp_avg_sq"][row].clone(),
+        }
+        optimizer.step()
+        weight[row] = param.detach()
+        state["step"][row] += 1
+        state["exp_avg"][row] = optimizer.state[param]["exp_avg"]
+        state["exp_avg_sq"][row] = optimizer.state[param]["exp_avg_sq"]
+    return weight, state
+
+
+def check_runs(runs: Iterable[dict], expected: list[dict], rows: slice, tolerances: dict[str, float]) -> None:
+    """Assert every saved run of a rank (dtype, shard, per-step loss / grad / centers) matches the reference steps."""
+    for run in runs:
+        tolerance, (start, count) = tolerances[run["dtype"]], run["shard"]
+        for step, (got, want) in enumerate(zip(run["steps"], expected, strict=True)):
+            where = (run["dtype"], step)
+            assert abs(got["loss"] - want["loss"]) <= tolerance * abs(want["loss"]), where
+            assert relative_error(got["grad"], want["grad"][rows]) <= tolerance, where
+            assert relative_error(got["centers"], want["centers"][start : start + count]) <= tolerance, where

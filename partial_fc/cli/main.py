@@ -7,12 +7,14 @@ import sys
 from typing import Sequence
 
 from partial_fc import __version__
-from partial_fc.cli import bench, demo, im2rec, make_synthetic, rebuild_idx, unpack
+from partial_fc.cli import bench, demo, im2rec, make_synthetic, rebuild_idx, train, unpack
+from partial_fc.cli import embed as embed_cli, eval as eval_cli, export as export_cli
 from partial_fc.cli.common import fail
 from partial_fc.comm import close_communicator
 from partial_fc.errors import PartialFCError
 
 SUBCOMMANDS = {
+    "train": (train, "train a face-recognition backbone and its Partial FC head from a config"),
     "demo": (demo, "train a small network and the Partial FC head on generated identities"),
     "bench": (bench, "benchmarks (bench head ...)"),
     "rebuild-idx": (rebuild_idx, "rebuild a lost .idx from its .rec"),
@@ -25,6 +27,9 @@ SUBCOMMANDS = {
         unpack,
         "RecordIO face sets -> id_<label>/<label>_<n>.jpg folders (unpack_glint360k.py)",
     ),
+    "eval": (eval_cli, "verification accuracy, TAR@FAR and ROC of a trained backbone on .bin sets and pair lists"),
+    "export": (export_cli, "a trained backbone as ONNX (dynamic batch), checked against torch with onnxruntime"),
+    "embed": (embed_cli, "embeddings of image files, through the torch backbone or an exported ONNX model"),
 }
 
 

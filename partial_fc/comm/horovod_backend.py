@@ -45,7 +45,8 @@ class HorovodCommunicator(Communicator):
         return self.hvd.broadcast_(tensor, root_rank=root)
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        return self.hvd.broadcast_object(obj, root_rank=root)
+        # Horovod names the collective after the object's type unless told: ranks passing None would not match.
+        return self.hvd.broadcast_object(obj, root_rank=root, name="partial_fc.broadcast_object")
 
     def barrier(self) -> None:
         self.hvd.barrier()

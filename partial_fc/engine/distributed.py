@@ -34,11 +34,14 @@ def distribute_backbone(
     optimizer: torch.optim.Optimizer,
     comm: Communicator,
     reduction: str = "average",
+    accumulation_steps: int = 1,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Return (model, optimizer) whose backward/step all-reduce the backbone gradients over `comm`'s ranks.
 
     `reduction='average'` is the Horovod and arcface_torch convention; 'sum' gives the gradient of the
-    global-batch loss, matching a single process that sees the whole gathered batch.
+    global-batch loss, matching a single process that sees the whole gathered batch. With
+    `accumulation_steps` > 1 Horovod reduces once per that many backward passes; under DDP the caller
+    wraps the passes before the last in `model.no_sync()`.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r} is not one of {REDUCTIONS}")
@@ -48,7 +51,8 @@ def distribute_backbone(
     if comm.name == "horovod":
         hvd = comm.hvd
         op = hvd.Average if reduction == "average" else hvd.Sum
-        return model, hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=op)
+        return model, hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=op,
+                                                backward_passes_per_step=accumulation_steps)
     if comm.name == "torch":
         device_ids = [comm.device.index] if comm.device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=comm.group)

@@ -3,6 +3,7 @@
 from partial_fc.heads.margins import ArcFace, CombinedMargin, CosFace, as_margin
 from partial_fc.heads.partial_fc import PartialFC
 from partial_fc.heads.sharding import shard_range
+from partial_fc.heads.sparse_adamw import SparseAdamW
 from partial_fc.heads.sparse_sgd import SparseSGD
 
-__all__ = ["ArcFace", "CombinedMargin", "CosFace", "PartialFC", "SparseSGD", "as_margin", "shard_range"]
+__all__ = ["ArcFace", "CombinedMargin", "CosFace", "PartialFC", "SparseAdamW", "SparseSGD", "as_margin", "shard_range"]

@@ -2,7 +2,9 @@
 
 Constructor and call match arcface_torch's PartialFC_V2:
 `PartialFC(margin_loss, embedding_size, num_classes, sample_rate=1.0, fp16=False)(local_embeddings, local_labels)`.
-The centers are updated by `SparseSGD(head, lr, momentum, weight_decay)` on the rows sampled in the step.
+The centers are updated by `SparseSGD(head, lr, momentum, weight_decay)` or `SparseAdamW(head, lr, ...)` on
+the rows sampled in the step. `interclass_filtering_threshold` is Partial FC v2's filtering of negatives
+whose cosine exceeds it (taken from an arcface_torch CombinedMarginLoss that carries one, too).
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ def initialise_centers(weight: torch.Tensor, class_start: int, seed: int, std: f
         weight[lo - class_start : hi - class_start] = values[lo - block_start : hi - block_start]
 
 
+def _filtering_threshold(margin_loss: Any, threshold: Any) -> Any:
+    """The keyword's threshold, or else one carried by an arcface_torch CombinedMarginLoss; both set must agree."""
+    carried = getattr(margin_loss, "interclass_filtering_threshold", 0.0)
+    if not carried:
+        return threshold
+    if threshold and threshold != carried:
+        raise InputError(
+            f"PartialFC interclass_filtering_threshold={threshold!r} differs from the margin_loss's {carried!r}"
+        )
+    return carried
+
+
 def _rank_seed(seed: int, rank: int) -> int:
     """Distinct, reproducible sampling streams per rank (identical seeds would correlate the shards' negatives)."""
     return (seed * 1_000_003 + rank * 7919 + 12345) % (2**63 - 1)
@@ -55,7 +69,9 @@ class PartialFC(nn.Module):
     """Sharded class centers with sampled margin softmax; `forward` returns the mean loss over the global batch.
 
     Keyword options: `comm` (defaults to the launch's communicator), `storage_dtype` of centers and
-    momentum (float32, bfloat16, float16 or float64), `seed` of the negative sampling, `init_std`.
+    optimizer state (float32, bfloat16, float16 or float64), `seed` of the negative sampling, `init_std`,
+    `interclass_filtering_threshold` in [0, 1): negatives with a larger cosine count as cosine 0 and get
+    no gradient (0 disables the filter).
     """
 
     def __init__(
@@ -71,11 +87,14 @@ class PartialFC(nn.Module):
         seed: int = 0,
         init_std: float = 0.01,
         chunk_rows: int = 8192,
+        interclass_filtering_threshold: float = 0.0,
     ) -> None:
         super().__init__()
         self.comm = comm if comm is not None else get_communicator()
-        self._check_arguments(embedding_size, num_classes, sample_rate, storage_dtype, chunk_rows)
+        threshold = _filtering_threshold(margin_loss, interclass_filtering_threshold)
+        self._check_arguments(embedding_size, num_classes, sample_rate, storage_dtype, chunk_rows, threshold)
         self.margin = as_margin(margin_loss)
+        self.interclass_filtering_threshold = float(threshold)
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
         self.sample_rate = float(sample_rate)
@@ -90,7 +109,7 @@ class PartialFC(nn.Module):
         initialise_centers(weight, self.class_start, seed, init_std)
         self.register_buffer("weight", weight)
         self._sampled: list[SampledRows] = []
-        self.row_updater: RowUpdater | None = None  # set by SparseSGD when it updates rows during backward
+        self.row_updater: RowUpdater | None = None  # set by an optimizer that updates rows during backward
         self._grad_anchor = torch.zeros((), requires_grad=True)
         workspace_rows = min(self.chunk_rows, self.num_local)
         self.workspace = torch.empty((workspace_rows, self.embedding_size), dtype=self.working_dtype, device=device)
@@ -100,15 +119,16 @@ class PartialFC(nn.Module):
         """The dtype of the head's arithmetic: float32, or float64 when the centers are stored in float64."""
         return torch.promote_types(self.weight.dtype, torch.float32)
 
-    def _check_arguments(self, embedding_size, num_classes, sample_rate, storage_dtype, chunk_rows) -> None:
+    def _check_arguments(self, embedding_size, num_classes, sample_rate, storage_dtype, chunk_rows, threshold) -> None:
         """Validate on every rank after one collective, so a bad or mismatched value fails all ranks alike."""
 
         def number(value: Any) -> float:
             return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
-        values = torch.tensor([number(embedding_size), number(num_classes), number(sample_rate)], dtype=torch.float64)
+        names = ("embedding_size", "num_classes", "sample_rate", "interclass_filtering_threshold")
+        given = (embedding_size, num_classes, sample_rate, threshold)
+        values = torch.tensor([number(value) for value in given], dtype=torch.float64)
         every = self.comm.all_gather(values.to(self.comm.device).unsqueeze(0), sizes=[1] * self.comm.world_size)
-        names = ("embedding_size", "num_classes", "sample_rate")
         for column, name in enumerate(names):
             column_values = every[:, column].tolist()
             if any(v != column_values[0] and not (math.isnan(v) and math.isnan(column_values[0])) for v in column_values):
@@ -125,6 +145,8 @@ class PartialFC(nn.Module):
             )
         if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
             raise InputError(f"PartialFC sample_rate={sample_rate!r} must lie in (0, 1]")
+        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and 0.0 <= threshold < 1.0):
+            raise InputError(f"PartialFC interclass_filtering_threshold={threshold!r} must lie in [0, 1)")
         if not (isinstance(chunk_rows, int) and chunk_rows > 0):
             raise InputError(f"PartialFC chunk_rows={chunk_rows!r} must be a positive integer")
         if storage_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -190,6 +212,7 @@ class PartialFC(nn.Module):
             sampled.rows,
             sampled.cols,
             self.margin,
+            self.interclass_filtering_threshold,
             self.comm,
             matmul_dtype,
             self.workspace,
@@ -198,20 +221,22 @@ class PartialFC(nn.Module):
         )
 
     def _check_pending_updates(self) -> None:
-        """Catch a training loop that never steps SparseSGD, or accumulates gradients into in-backward updates."""
+        """Catch a training loop that never steps its optimizer, or accumulates gradients into in-backward updates."""
         if self.row_updater is not None and self._sampled:
             raise RuntimeError(
-                "PartialFC: a second training forward before SparseSGD.step(): call step() after every backward, "
-                "or, for gradient accumulation, create SparseSGD(head, ..., update_in_backward=False)"
+                "PartialFC: a second training forward before SparseSGD.step() (or SparseAdamW.step()): call "
+                "step() after every backward, or, for gradient accumulation, create the optimizer with "
+                "update_in_backward=False"
             )
         if len(self._sampled) >= MAX_PENDING_STEPS:
             raise RuntimeError(
-                f"PartialFC ran {MAX_PENDING_STEPS} training forwards without SparseSGD.step(): the centers are "
-                "not being updated; create SparseSGD(head, lr, ...) and step it after backward"
+                f"PartialFC ran {MAX_PENDING_STEPS} training forwards without SparseSGD.step() (or "
+                "SparseAdamW.step()): the centers are not being updated; create SparseSGD(head, lr, ...) and step "
+                "it after backward"
             )
 
     def take_sampled(self) -> list[SampledRows]:
-        """Hand over the sampled rows (and gradients) of every forward since the last call; used by SparseSGD."""
+        """Hand over the sampled rows (and gradients) of every forward since the last call; used by the optimizers."""
         sampled, self._sampled = self._sampled, []
         return sampled
 
@@ -219,5 +244,6 @@ class PartialFC(nn.Module):
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"shard=[{self.class_start}, {self.class_start + self.num_local}), sample_rate={self.sample_rate}, "
-            f"margin={self.margin}, storage_dtype={self.weight.dtype}"
+            f"margin={self.margin}, storage_dtype={self.weight.dtype}, "
+            f"interclass_filtering_threshold={self.interclass_filtering_threshold}"
         )

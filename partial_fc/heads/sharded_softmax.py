@@ -7,6 +7,11 @@ the probabilities and then for the gradient. The sampled centers are read from t
 in forward and again in backward, so no full copy of them outlives a chunk; only their gradient is
 handed to the optimizer through a `SampledRows` record (never as a dense `.grad`), or applied to the
 rows chunk by chunk during backward when the optimizer asks for that.
+
+Inter-class filtering (Partial FC v2, arcface_torch's `interclass_filtering_threshold` t > 0): a negative
+whose cosine exceeds t counts as cosine 0 in the softmax and passes no gradient. Such entries are set to
+-inf in the buffer and their exp(0 - max) terms are added per batch row from a count, so their
+probability, and hence their gradient, is exactly 0 without any mask kept for backward.
 """
 
 from __future__ import annotations
@@ -39,15 +44,30 @@ def _chunks(count: int, chunk_rows: int):
     return (slice(start, min(start + chunk_rows, count)) for start in range(0, count, chunk_rows))
 
 
+def _filter_negatives(logits: torch.Tensor, limit: float, chunk_rows: int) -> torch.Tensor:
+    """Set every logit above `limit` to -inf, a chunk at a time; returns how many per batch row (column).
+
+    The caller hides the positives beforehand, so only negatives are filtered.
+    """
+    count = logits.new_zeros(logits.shape[1])
+    for part in _chunks(logits.shape[0], chunk_rows):
+        block = logits[part]
+        dirty = block > limit
+        count.add_(dirty.sum(dim=0))
+        block.masked_fill_(dirty, -torch.inf)
+    return count
+
+
 class ShardedMarginSoftmaxLoss(torch.autograd.Function):
     """Mean over the gathered batch of -log softmax at each row's positive class, the softmax spanning all shards.
 
     Inputs: normalized embeddings X [B, D] (the same on every rank); this rank's center shard and the
     sorted `index` of its sampled rows; the (batch row, sampled column) of every positive this rank holds;
-    the margin; the communicator; an optional reduced-precision matmul dtype; a reusable [chunk, D]
-    workspace (its first dimension is the chunk size); the `SampledRows` record that receives the
-    sampled rows' gradient; and `anchor`, a leaf that requires grad, so that backward runs for the centers
-    even when X needs no gradient (a frozen backbone). Returns the loss; X gets its gradient.
+    the margin; the inter-class filtering threshold (0 disables it); the communicator; an optional
+    reduced-precision matmul dtype; a reusable [chunk, D] workspace (its first dimension is the chunk
+    size); the `SampledRows` record that receives the sampled rows' gradient; and `anchor`, a leaf that
+    requires grad, so that backward runs for the centers even when X needs no gradient (a frozen
+    backbone). Returns the loss; X gets its gradient.
     """
 
     @staticmethod
@@ -59,6 +79,7 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
         rows: torch.Tensor,
         cols: torch.Tensor,
         margin: CombinedMargin,
+        filtering_threshold: float,
         comm: Communicator,
         matmul_dtype: torch.dtype | None,
         workspace: torch.Tensor,
@@ -80,14 +101,22 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
         logits.mul_((inverse_norms * margin.s).unsqueeze(1))
         target_cosines = logits[cols, rows].div_(margin.s).clamp_(-1.0, 1.0)
         target_logits = margin.target_logit(target_cosines)
+        filtered = None
+        if filtering_threshold > 0:
+            logits[cols, rows] = -torch.inf
+            filtered = _filter_negatives(logits, filtering_threshold * margin.s, workspace.shape[0])
         logits[cols, rows] = target_logits
-        # 3. the global maximum of each batch row, subtracted for a stable exponential.
+        # 3. the global maximum of each batch row (filtered entries count as logit 0), for a stable exponential.
         row_max = logits.amax(dim=0)
+        if filtered is not None:
+            row_max.masked_fill_((filtered > 0) & (row_max < 0), 0.0)
         comm.all_reduce(row_max, ReduceOp.MAX)
         logits.sub_(row_max).exp_()
         # 4. one all-reduce for both the global sum of exponentials and each row's positive logit.
         sums = logits.new_zeros(2, batch)
         torch.sum(logits, dim=0, out=sums[0])
+        if filtered is not None:
+            sums[0].addcmul_(filtered, row_max.neg().exp_())
         sums[1, rows] = target_logits
         comm.all_reduce(sums, ReduceOp.SUM)
         sum_exp, positive_logits = sums[0], sums[1]
@@ -128,4 +157,4 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
             radial = torch.linalg.vecdot(center_grad, centers).mul_(inverse_norms[part].square())
             center_grad.addcmul_(centers, radial.unsqueeze(1), value=-1.0)
             sink.accept(part, centers, center_grad)
-        return grad_embeddings, None, None, None, None, None, None, None, None, None, None
+        return grad_embeddings, None, None, None, None, None, None, None, None, None, None, None

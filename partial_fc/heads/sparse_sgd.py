@@ -1,5 +1,7 @@
 """SGD with momentum and weight decay applied to the sampled rows of the center shard alone.
 
+`SparseRowsOptimizer` holds what every sparse center optimizer shares (SparseSGD here, SparseAdamW).
+
 As in the MXNet Partial FC and PLSC's sparse momentum, a center that was not sampled in a step is frozen:
 no decay, no momentum. No gradient of the whole shard is ever formed. By default the update is applied
 during backward, a chunk of rows at a time, as soon as their gradient is known; with gradient
@@ -39,7 +41,48 @@ def merge_sampled(records: list[SampledRows]) -> tuple[torch.Tensor, torch.Tenso
     return index, grad
 
 
-class SparseSGD(torch.optim.Optimizer):
+def write_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """target[index] = rows, rounded to target's (storage) dtype."""
+    target.index_copy_(0, index, rows.to(target.dtype))
+
+
+class SparseRowsOptimizer(torch.optim.Optimizer):
+    """The machinery shared by the sparse center optimizers: a torch Optimizer over the head's shard alone.
+
+    It registers itself as the head's row updater (`update_in_backward`) or collects the kept gradients
+    in `step()`, and hands each chunk of sampled rows to `update_rows`, which subclasses implement.
+    Call `step()` after every backward in either mode: it applies kept gradients and closes the step.
+    """
+
+    def __init__(self, head: SampledRowsSource, defaults: dict, update_in_backward: bool) -> None:
+        super().__init__([head.weight], defaults)
+        self.head = head
+        self.grad_workspace = torch.empty_like(head.workspace) if update_in_backward else None
+        head.row_updater = self if update_in_backward else None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Apply the gradients kept since the last step (none when updating during backward); returns closure()."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        merged = merge_sampled(self.head.take_sampled())
+        if merged is None:
+            return loss
+        index, grad = merged
+        chunk = self.head.workspace.shape[0]
+        for start in range(0, index.numel(), chunk):
+            part = slice(start, start + chunk)
+            self.update_rows(index[part], gather_rows(self.head.weight, index[part], self.head.workspace), grad[part])
+        return loss
+
+    def update_rows(self, index: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Update shard rows `index`, whose current values are `rows` (a working copy), by `grad`; written back."""
+        raise NotImplementedError
+
+
+class SparseSGD(SparseRowsOptimizer):
     """torch.optim.SGD's update (momentum, no dampening, L2 weight decay) restricted to the sampled rows.
 
     A torch Optimizer over the head's shard, so LR schedulers and state_dict work as usual; the momentum
@@ -57,29 +100,10 @@ class SparseSGD(torch.optim.Optimizer):
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr={lr}, momentum={momentum}, weight_decay={weight_decay} must not be negative")
-        super().__init__([head.weight], dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.head = head
+        super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), update_in_backward)
         if momentum > 0:
             self.state[head.weight]["momentum_buffer"] = torch.zeros_like(head.weight)
         self._velocity = torch.empty_like(head.workspace)
-        self.grad_workspace = torch.empty_like(head.workspace) if update_in_backward else None
-        head.row_updater = self if update_in_backward else None
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        merged = merge_sampled(self.head.take_sampled())
-        if merged is None:
-            return loss
-        index, grad = merged
-        chunk = self.head.workspace.shape[0]
-        for start in range(0, index.numel(), chunk):
-            part = slice(start, start + chunk)
-            self.update_rows(index[part], gather_rows(self.head.weight, index[part], self.head.workspace), grad[part])
-        return loss
 
     @torch.no_grad()
     def update_rows(self, index: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
@@ -92,7 +116,7 @@ class SparseSGD(torch.optim.Optimizer):
             momentum_buffer = self.state[weight]["momentum_buffer"]
             velocity = gather_rows(momentum_buffer, index, self._velocity)
             torch.add(grad, velocity, alpha=group["momentum"], out=velocity)
-            momentum_buffer.index_copy_(0, index, velocity.to(momentum_buffer.dtype))
+            write_rows(momentum_buffer, index, velocity)
             grad = velocity
         rows.add_(grad, alpha=-group["lr"])
-        weight.index_copy_(0, index, rows.to(weight.dtype))
+        write_rows(weight, index, rows)

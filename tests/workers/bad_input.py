@@ -8,8 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from partial_fc.comm import close_communicator, get_communicator  # noqa: E402
-from partial_fc.errors import PartialFCError  # noqa: E402
+from partial_fc.comm import get_communicator  # noqa: E402
+from tests.workers.exit_status import run_and_exit  # noqa: E402
 from partial_fc.heads import ArcFace, PartialFC, SparseSGD  # noqa: E402
 
 CLASSES, DIM = 10, 8
@@ -42,15 +42,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     comm = get_communicator()
-    status = 0
-    try:
-        run(args.case, comm.rank, comm)
-    except PartialFCError as error:
-        print(f"partial-fc: error: {error}", file=sys.stderr, flush=True)
-        status = 2
-    (Path(args.out) / f"rank{comm.rank}.exit").write_text(str(status))
-    close_communicator()
-    sys.exit(status)
+    run_and_exit(comm, args.out, lambda: run(args.case, comm.rank, comm))
 
 
 if __name__ == "__main__":

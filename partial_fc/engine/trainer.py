@@ -1,0 +1,395 @@
+"""The training loop: backbone replicas with all-reduced gradients, the sharded Partial FC head, one schedule.
+
+Each step: the backbone embeds this rank's batch (under autocast when ``fp16``); the head runs in float32 on a
+detached copy of the embeddings, so its own backward updates the sampled centers with the true gradient
+(never a loss-scaled one) and hands back the embeddings' gradient; that gradient (scaled for fp16) is then
+pushed through the backbone. Steps whose embeddings or loss are not finite are skipped on every rank alike
+(both are global facts), counted, and the run stops after ``max_nonfinite_steps`` in a row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from easydict import EasyDict
+from torch import nn
+
+from partial_fc.backbones import get_model
+from partial_fc.comm import Communicator, ReduceOp
+from partial_fc.comm.timed import TimedCommunicator
+from partial_fc.data.datasets import ImageFolderDataset, RandomFaceDataset, RecordFaceDataset
+from partial_fc.data.loader import build_loader, device_batch
+from partial_fc.data.sampler import DistributedEpochSampler
+from partial_fc.engine.checkpoint import find_latest, load_backbone_state, load_checkpoint, save_checkpoint
+from partial_fc.engine.config import config_to_dict
+from partial_fc.engine.distributed import distribute_backbone
+from partial_fc.engine.monitor import PhaseTimer, TrainMonitor
+from partial_fc.engine.schedule import PolyWarmupSchedule
+from partial_fc.engine.validation import Verifier, load_verification_sets
+from partial_fc.errors import InputError, MissingInputError, PartialFCError
+from partial_fc.heads import CombinedMargin, PartialFC, SparseAdamW, SparseSGD
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+WARMUP_PERF_STEPS = 2
+
+
+class TrainingStopped(PartialFCError):
+    """Training could not go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    steps: int
+    epochs: int
+    loss: float
+    verification: dict[str, float] = field(default_factory=dict)
+    best_verification: dict[str, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+    checkpoint: str | None = None
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def build_dataset(cfg: EasyDict) -> Any:
+    """The training set ``cfg.rec`` names: ``synthetic`` (random in-memory), a RecordIO folder, or an image
+    folder; its class count must fit ``cfg.num_classes``."""
+    rec = str(cfg.rec)
+    if rec == "synthetic":
+        return RandomFaceDataset(cfg.num_image, cfg.num_classes, (cfg.image_size, cfg.image_size), seed=cfg.seed)
+    root = Path(rec)
+    size = (cfg.image_size, cfg.image_size)
+    if (root / "train.rec").is_file():
+        dataset = RecordFaceDataset(root, image_size=size, flip=True)
+    elif root.is_dir() and not (root / "train.idx").exists():
+        dataset = ImageFolderDataset(root, image_size=size, flip=True)
+    else:
+        raise MissingInputError(f"rec={rec!r}: no {root / 'train.rec'} (with train.idx) and not an image folder; "
+                                "make one with `partial-fc make-synthetic --out DIR` or `partial-fc im2rec`")
+    if dataset.num_classes > cfg.num_classes:
+        raise InputError(f"num_classes={cfg.num_classes} is smaller than the {dataset.num_classes} classes of "
+                         f"{rec} (labels up to {dataset.num_classes - 1}): set num_classes >= {dataset.num_classes}")
+    return dataset
+
+
+def build_backbone(cfg: EasyDict, device: torch.device) -> nn.Module:
+    """The configured network on ``device``, started from ``cfg.init_weights`` when given."""
+    model = get_model(cfg.network, dropout=0.0, fp16=False, num_features=cfg.embedding_size)
+    if cfg.init_weights:
+        state = load_backbone_state(cfg.init_weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise InputError(f"init_weights={cfg.init_weights}: does not fit network {cfg.network!r} "
+                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model = model.to(device)
+    if _channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _channels_last(cfg: EasyDict, device: torch.device) -> bool:
+    """NHWC only on GPUs: there it feeds tensor cores; CPU convolutions here gain nothing from it."""
+    return bool(cfg.channels_last) and device.type == "cuda"
+
+
+def build_optimizers(cfg: EasyDict, backbone: nn.Module, head: PartialFC
+                     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """The backbone's torch optimizer and the head's sparse one, both of ``cfg.optimizer``'s kind."""
+    in_backward = cfg.gradient_acc == 1
+    if cfg.optimizer == "sgd":
+        body = torch.optim.SGD(backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+        centers = SparseSGD(head, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                            update_in_backward=in_backward)
+    else:
+        body = torch.optim.AdamW(backbone.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        centers = SparseAdamW(head, lr=cfg.lr, weight_decay=cfg.weight_decay, update_in_backward=in_backward)
+    return body, centers
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: the backbone is broadcast from rank 0 anyway; sampling seeds itself per rank."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _PerfWindow:
+    """Perf mode's measured stretch: ``steps`` steps after ``WARMUP_PERF_STEPS`` untimed ones."""
+
+    def __init__(self, first_step: int, steps: int):
+        self.begin = first_step + WARMUP_PERF_STEPS
+        self.end = self.begin + steps
+        self.started_at = time.perf_counter()
+
+    def after_step(self, step: int, timer: PhaseTimer) -> None:
+        """Start the clock (and clear the phase timer) once the warm-up steps are done."""
+        if step == self.begin:
+            timer.reset()
+            self.started_at = time.perf_counter()
+
+    def finished(self, step: int) -> bool:
+        return step >= self.end
+
+    def measured(self, step: int) -> tuple[float, int]:
+        """Seconds and steps of the measured stretch."""
+        return time.perf_counter() - self.started_at, max(0, step - self.begin)
+
+
+class Trainer:
+    """One run: builds the parts from a validated config, then `fit()` trains (and evaluates, checkpoints)."""
+
+    def __init__(self, cfg: EasyDict, comm: Communicator):
+        self.cfg, self.device = cfg, comm.device
+        self.output = Path(cfg.output)
+        self.perf_steps = int(cfg.perf_steps)
+        self.timer = PhaseTimer(self.perf_steps > 0, self.device)
+        self.comm = TimedCommunicator(comm, lambda: self.timer.phase("communication")) if self.perf_steps else comm
+        seed_everything(cfg.seed)
+        self.dataset = build_dataset(cfg)
+        self.verifier = Verifier(load_verification_sets(list(cfg.val_targets), cfg.val_dir, cfg.image_size),
+                                 comm, cfg.embedding_size, cfg.val_batch_size)
+        self.sampler = DistributedEpochSampler(len(self.dataset), comm.rank, comm.world_size, seed=cfg.seed)
+        self.micro_steps_per_epoch = self.sampler.num_samples // cfg.batch_size
+        if self.micro_steps_per_epoch < cfg.gradient_acc:
+            raise InputError(f"batch_size={cfg.batch_size} x {comm.world_size} ranks x gradient_acc="
+                             f"{cfg.gradient_acc} needs more than the {len(self.dataset)} images of {cfg.rec}")
+        self.steps_per_epoch = self.micro_steps_per_epoch // cfg.gradient_acc
+        self.total_steps = self.steps_per_epoch * cfg.num_epoch
+        self.raw_backbone = build_backbone(cfg, self.device)
+        margin = CombinedMargin(s=cfg.margin_scale, m1=cfg.margin_list[0], m2=cfg.margin_list[1],
+                                m3=cfg.margin_list[2])
+        self.head = PartialFC(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate,
+                              cfg.fp16 and self.device.type == "cuda", comm=self.comm,
+                              storage_dtype=STORAGE_DTYPES[cfg.storage_dtype], seed=cfg.seed,
+                              interclass_filtering_threshold=cfg.interclass_filtering_threshold)
+        body_optimizer, self.head_optimizer = build_optimizers(cfg, self.raw_backbone, self.head)
+        self.backbone, self.backbone_optimizer = distribute_backbone(
+            self.raw_backbone, body_optimizer, comm, "average", accumulation_steps=cfg.gradient_acc)
+        warmup = min(int(self.steps_per_epoch * cfg.warmup_epoch), self.total_steps - 1)
+        self.schedule = PolyWarmupSchedule([self.backbone_optimizer, self.head_optimizer], cfg.lr,
+                                           self.total_steps, warmup, cfg.lr_power)
+        self.amp_dtype = AMP_DTYPES[cfg.amp_dtype] if cfg.fp16 else None
+        use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, num_workers=cfg.num_workers,
+                                   seed=cfg.seed)
+        self.step, self.skipped, self.nonfinite_in_a_row = 0, 0, 0
+        if comm.rank == 0:
+            self.output.mkdir(parents=True, exist_ok=True)
+        self.monitor = TrainMonitor(comm.rank, comm.world_size, self.total_steps, cfg.frequent, self.output)
+
+    # ------------------------------------------------------------------------------------------------ state
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output / "checkpoints"
+
+    def resume(self) -> None:
+        """Continue from the newest checkpoint in ``output/checkpoints`` (on any number of ranks)."""
+        path = find_latest(self.checkpoint_root)
+        if path is None:
+            raise MissingInputError(f"resume=True but {self.checkpoint_root} holds no complete checkpoint")
+        state = load_checkpoint(path, comm=self.comm, backbone=self.backbone,
+                                backbone_optimizer=self.backbone_optimizer, head=self.head,
+                                head_optimizer=self.head_optimizer, scheduler=self.schedule,
+                                sampler=self.sampler, scaler=self.scaler)
+        self.step = state.step
+        self.monitor.print(f"resumed from {state.path} at step {state.step}, epoch {state.epoch}"
+                           + (f" (saved on {state.saved_world_size} ranks, re-sharded)" if state.resharded else "")
+                           + "".join(f"; {note}" for note in state.notes))
+
+    def save(self) -> Path:
+        """A checkpoint of everything needed to continue exactly (a collective)."""
+        return save_checkpoint(self.checkpoint_root, comm=self.comm, step=self.step, epoch=self.sampler.epoch,
+                               backbone=self.backbone, backbone_optimizer=self.backbone_optimizer, head=self.head,
+                               head_optimizer=self.head_optimizer, scheduler=self.schedule, sampler=self.sampler,
+                               scaler=self.scaler, config=config_to_dict(self.cfg),
+                               keep=self.cfg.keep_checkpoints)
+
+    # ------------------------------------------------------------------------------------------------- step
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (one tiny all-reduce)."""
+        value = torch.tensor([float(flag)], device=self.device)
+        return bool(self.comm.all_reduce(value, ReduceOp.MAX).item())
+
+    def _skip(self, why: str) -> None:
+        """Count a skipped step; stop after too many in a row."""
+        self.skipped += 1
+        self.nonfinite_in_a_row += 1
+        self.backbone_optimizer.zero_grad()
+        self.head.take_sampled()
+        self.monitor.print(f"step {self.step + 1}: skipped ({why}); {self.nonfinite_in_a_row} in a row")
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+            raise TrainingStopped(f"stopped at step {self.step + 1}: {self.nonfinite_in_a_row} steps in a row had "
+                                  f"{why} (max_nonfinite_steps={self.cfg.max_nonfinite_steps}); lower lr, "
+                                  "use amp_dtype=bfloat16, or check the data")
+
+    def _micro_step(self, batch: Any, last: bool) -> float | None:
+        """Forward and backward of one batch; None when the step must be skipped."""
+        with self.timer.phase("data"):
+            images, labels = device_batch(batch, self.device)
+        layout = torch.channels_last if _channels_last(self.cfg, self.device) else torch.contiguous_format
+        images = images.contiguous(memory_format=layout)
+        sync = contextlib.nullcontext() if last or not hasattr(self.backbone, "no_sync") else self.backbone.no_sync()
+        with sync:
+            with self.timer.phase("backbone"), self._autocast():
+                embeddings = self.backbone(images)
+            features = embeddings.detach().float().requires_grad_()
+            if self._any_rank(not bool(torch.isfinite(features).all())):
+                return None
+            with self.timer.phase("head"):
+                loss = self.head(features, labels)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    return None
+                (loss / self.cfg.gradient_acc).backward()
+            with self.timer.phase("backbone"):
+                grad = features.grad.to(embeddings.dtype)
+                embeddings.backward(self.scaler.scale(grad) if self.scaler is not None else grad)
+        return loss_value
+
+    def _optimizer_step(self) -> bool:
+        """Clip and step the backbone, step the centers; False when the backbone's gradients are not finite."""
+        with self.timer.phase("communication"):
+            if hasattr(self.backbone_optimizer, "synchronize"):  # Horovod: wait for the gradient all-reduce
+                self.backbone_optimizer.synchronize()
+        with self.timer.phase("optimizer"):
+            if self.scaler is not None:
+                self.scaler.unscale_(self.backbone_optimizer)
+            params = [p for p in self.backbone.parameters() if p.grad is not None]
+            clip = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            finite = bool(torch.isfinite(norm))
+            skip_sync = getattr(self.backbone_optimizer, "skip_synchronize", contextlib.nullcontext)
+            with skip_sync():
+                if self.scaler is not None:
+                    self.scaler.step(self.backbone_optimizer)
+                    self.scaler.update()
+                elif finite:
+                    self.backbone_optimizer.step()
+            self.head_optimizer.step()
+            self.backbone_optimizer.zero_grad()
+        return finite or self.scaler is not None
+
+    # -------------------------------------------------------------------------------------------------- fit
+    def _evaluate(self) -> dict[str, float]:
+        results = self.verifier(self.raw_backbone)
+        for name, result in results.items():
+            self.monitor.print(f"step {self.step} | {name}: {result.summary()} | best {self.verifier.best[name]:.5f}")
+            self.monitor.scalars(self.step, **{f"verification/{name}": result.accuracy})
+        return {name: result.accuracy for name, result in results.items()}
+
+    def fit(self) -> TrainResult:
+        """Train to the end of ``num_epoch`` (or ``perf_steps``), evaluating every ``verbose`` steps."""
+        cfg = self.cfg
+        self.monitor.print(f"training {cfg.network} on {len(self.dataset)} images, {cfg.num_classes} classes, "
+                           f"{self.comm.world_size} ranks x batch {cfg.batch_size}: {self.total_steps} steps "
+                           f"({self.steps_per_epoch} per epoch)")
+        result = TrainResult(steps=0, epochs=0, loss=math.nan)
+        profiler = self._profiler()
+        start = time.perf_counter()
+        perf = _PerfWindow(self.step, self.perf_steps) if self.perf_steps else None
+        while self.step < self.total_steps and not (perf and perf.finished(self.step)):
+            self._epoch(result, profiler, perf)
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+        result.seconds = time.perf_counter() - start
+        samples_per_step = cfg.batch_size * cfg.gradient_acc * self.comm.world_size
+        if perf is not None:
+            seconds, steps = perf.measured(self.step)
+            result.samples_per_second = steps * samples_per_step / max(seconds, 1e-9)
+            result.phases = self.timer.shares()
+            self.monitor.print(f"perf: {steps} steps, {result.samples_per_second:,.1f} samples/s over "
+                               f"{self.comm.world_size} ranks; time in "
+                               + ", ".join(f"{name} {share:.1%}" for name, share in result.phases.items()))
+        else:
+            result.samples_per_second = self.step * samples_per_step / max(result.seconds, 1e-9)
+            if result.checkpoint is None or Path(result.checkpoint).name != f"step_{self.step:08d}":
+                result.checkpoint = str(self.save())
+        self.monitor.close()
+        result.steps, result.epochs, result.skipped_steps = self.step, self.step // self.steps_per_epoch, self.skipped
+        result.best_verification = dict(self.verifier.best)
+        return result
+
+    def _epoch(self, result: TrainResult, profiler: Any, perf: _PerfWindow | None) -> None:
+        """The rest of the sampler's epoch (or up to the last step); a checkpoint at its end unless
+        ``checkpoint_every`` sets another rhythm."""
+        cfg = self.cfg
+        batches = iter(self.loader)
+        micro, loss_sum = 0, 0.0
+        while True:
+            with self.timer.phase("data"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            micro += 1
+            last = micro % cfg.gradient_acc == 0
+            loss = self._micro_step(batch, last)
+            if loss is None:
+                self._skip("a non-finite loss or embeddings")
+                micro, loss_sum = 0, 0.0
+                continue
+            loss_sum += loss
+            if not last:
+                continue
+            if not self._optimizer_step():
+                self._skip("non-finite backbone gradients")
+                loss_sum = 0.0
+                continue
+            self.nonfinite_in_a_row = 0
+            self.step += 1
+            self.schedule.step()
+            result.loss, loss_sum = loss_sum / cfg.gradient_acc, 0.0
+            self.monitor.step(self.step, self.sampler.epoch, result.loss, self.schedule.lr_at(self.step - 1),
+                              cfg.batch_size * cfg.gradient_acc,
+                              None if self.scaler is None else float(self.scaler.get_scale()))
+            if profiler is not None:
+                profiler.step()
+            if perf is not None:
+                perf.after_step(self.step, self.timer)
+                if perf.finished(self.step):
+                    return
+                continue
+            if self.step % cfg.verbose == 0 or self.step == self.total_steps:
+                result.verification = self._evaluate()
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                result.checkpoint = str(self.save())
+            if self.step >= self.total_steps:
+                return
+        if not cfg.checkpoint_every and perf is None:
+            result.checkpoint = str(self.save())
+
+    def _profiler(self) -> Any:
+        """A torch.profiler over a few steps writing a Chrome trace per rank to ``output/profile``."""
+        if not self.cfg.profile:
+            return None
+        folder = self.output / "profile"
+        folder.mkdir(parents=True, exist_ok=True)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        rank = self.comm.rank
+
+        def write(prof: torch.profiler.profile) -> None:
+            prof.export_chrome_trace(str(folder / f"trace_rank{rank}.json"))
+
+        profiler = torch.profiler.profile(activities=activities, on_trace_ready=write,
+                                          schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1))
+        profiler.__enter__()
+        return profiler

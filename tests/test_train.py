@@ -1,0 +1,175 @@
+"""The training application end to end: real `partial-fc train` jobs on generated face sets.
+
+Multi-rank jobs run under mpirun (torch.distributed) and horovodrun; single-process jobs run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from partial_fc.engine.schedule import PolyWarmupSchedule
+from partial_fc.errors import InputError
+from tests.cli_helpers import assert_one_error, call
+from tests.launchers import launch
+
+IDENTITIES, PER_ID = 40, 8  # 320 images: 10 steps per epoch at 2 ranks x batch 16
+
+
+@pytest.fixture(scope="module")
+def faceset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faces")
+    status = call_quiet("make-synthetic", "--identities", str(IDENTITIES), "--images-per-id", str(PER_ID),
+                        "--out", str(out), "--pairs", "200", "--workers", "1")
+    assert status == 0
+    return out
+
+
+def call_quiet(*arguments: str) -> int:
+    from partial_fc.cli.main import main
+
+    return main(list(arguments))
+
+
+def settings(data: Path, output: Path, **extra) -> list[str]:
+    """`partial-fc train synthetic` arguments for a tiny, fast run on `data`, writing to `output`."""
+    values = dict(rec=data, output=output, num_classes=IDENTITIES, num_image=IDENTITIES * PER_ID, batch_size=16,
+                  embedding_size=32, num_workers=0, frequent=1, verbose=1000, num_epoch=1, warmup_epoch=0,
+                  sample_rate=0.5)
+    values.update(extra)
+    return [part for key, value in values.items() for part in ("--set", f"{key}={value}")]
+
+
+def train_argv(data: Path, output: Path, *more: str, **extra) -> list[str]:
+    return ["-m", "partial_fc", "train", "synthetic", *settings(data, output, **extra), *more]
+
+
+def summary(stdout: str) -> dict:
+    lines = [re.sub(r"^\[[\d,]+\]<stdout>:", "", line).strip() for line in stdout.splitlines()]  # launcher tags
+    found = [json.loads(line) for line in lines if line.startswith('{"job": "train"')]
+    assert len(found) == 1, stdout
+    return found[0]
+
+
+def losses(output: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    schedule = PolyWarmupSchedule([optimizer], 0.4, total_steps=10, warmup_steps=2, power=2.0)
+    seen = []
+    for _ in range(10):
+        seen.append(optimizer.param_groups[0]["lr"])
+        schedule.step()
+    expected = [0.2, 0.4] + [0.4 * (1 - k / 8) ** 2 for k in range(8)]
+    assert seen == pytest.approx(expected) and schedule.lr == 0.0
+    restored = PolyWarmupSchedule([optimizer], 0.4, total_steps=10, warmup_steps=2, power=2.0)
+    restored.load_state_dict({"last_step": 5})
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected[5])
+    with pytest.raises(InputError, match="warmup_steps"):
+        PolyWarmupSchedule([optimizer], 0.1, total_steps=3, warmup_steps=3)
+
+
+def test_single_process_run_learns_evaluates_and_checkpoints(faceset, tmp_path, capsys):
+    status, out, err = call(capsys, "train", *settings(faceset, tmp_path, num_epoch=2, warmup_epoch=1, verbose=10,
+                                                        gradient_acc=2, batch_size=8))
+    assert status == 0, err
+    result = summary(out)
+    curve = losses(tmp_path)
+    assert result["steps"] == 40 and sorted(curve) == list(range(1, 41))  # 320 / (8 x 2) steps per epoch
+    assert curve[40] < 0.8 * curve[1]
+    assert set(result["best_verification"]) == {"synthetic"} and 0.5 <= result["best_verification"]["synthetic"] <= 1
+    assert Path(result["checkpoint"]).name == "step_00000040"
+    assert (tmp_path / "checkpoints" / "step_00000020" / "manifest.json").is_file()  # each epoch's end
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((tmp_path / "config.json").read_text())["gradient_acc"] == 2
+
+
+def test_perf_mode_and_profile(faceset, tmp_path, capsys):
+    status, out, err = call(capsys, "train", *settings(faceset, tmp_path), "--perf-steps", "3", "--profile")
+    assert status == 0, err
+    result = summary(out)
+    assert result["steps"] == 5 and result["samples_per_second"] > 0  # 2 warm-up steps, then 3 timed
+    assert set(result["phases"]) == {"data", "backbone", "head", "communication", "optimizer"}
+    assert sum(result["phases"].values()) == pytest.approx(1.0) and result["phases"]["backbone"] > 0
+    assert "perf: 3 steps" in out
+    assert list((tmp_path / "profile").glob("trace_rank0.json"))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(faceset, tmp_path, capsys):
+    status, out, err = call(capsys, "train", *settings(faceset, tmp_path, lr=1e30, max_nonfinite_steps=2,
+                                                        clip_grad_norm=0, warmup_epoch=0))
+    assert_one_error(status, err, "2 steps in a row", "max_nonfinite_steps=2")
+    assert "skipped" in out
+
+
+@pytest.mark.parametrize("case", ["typo", "missing_data", "too_few_classes", "bad_value"])
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun-gloo"])
+def test_bad_setup_fails_every_rank_before_training(faceset, tmp_path, launcher, case):
+    extra = {"typo": ["--set", "num_epochs=2"], "missing_data": ["--set", f"rec={tmp_path / 'nowhere'}"],
+             "too_few_classes": ["--set", "num_classes=7"], "bad_value": ["--set", "sample_rate=1.5"]}[case]
+    expected = {"typo": "did you mean 'num_epoch'", "missing_data": "nowhere", "too_few_classes": "num_classes=7",
+                "bad_value": "sample_rate"}[case]
+    job = launch(launcher, 2, [*train_argv(faceset, tmp_path / "out"), *extra], timeout=180)
+    errors = job.stderr.split("partial-fc: error:")[1:]  # one per rank (the launcher may interleave lines)
+    assert job.returncode != 0 and len(errors) == 2, job.stderr
+    assert all(expected in error for error in errors), errors
+    assert "training r10_nano" not in job.stdout
+    assert 'partial_fc/' not in job.stderr  # no traceback through our code (horovodrun prints its own)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun-gloo"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(faceset, tmp_path, launcher):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    job = launch(launcher, 2, train_argv(faceset, whole, checkpoint_every=4), timeout=400)
+    assert job.returncode == 0, job.stderr
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(whole / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
+    job = launch(launcher, 2, train_argv(faceset, resumed, "--resume", checkpoint_every=4), timeout=400)
+    assert job.returncode == 0, job.stderr
+    assert "resumed from" in job.stdout and summary(job.stdout)["steps"] == 10
+    before, after = losses(whole), losses(resumed)
+    assert sorted(after) == list(range(5, 11))
+    assert [after[step] for step in range(5, 11)] == [before[step] for step in range(5, 11)]
+
+
+@pytest.mark.slow
+def test_resume_on_three_then_one_rank_reshards_and_continues(faceset, tmp_path):
+    output = tmp_path / "run"
+    first = launch("mpirun", 2, train_argv(faceset, output), timeout=400)
+    assert first.returncode == 0, first.stderr
+    start_loss = losses(output)[1]
+    second = launch("horovodrun-gloo", 3, train_argv(faceset, output, "--resume", num_epoch=2), timeout=400)
+    assert second.returncode == 0, second.stderr
+    assert "saved on 2 ranks, re-sharded" in second.stdout
+    third = launch("mpirun", 1, train_argv(faceset, output, "--resume", num_epoch=3), timeout=400)
+    assert third.returncode == 0, third.stderr
+    assert "saved on 3 ranks, re-sharded" in third.stdout
+    curve = losses(output)
+    assert max(curve) == summary(third.stdout)["steps"]
+    assert curve[11] < start_loss  # the resumed centers and backbone were trained, not re-initialised
+    manifest = json.loads((Path(summary(third.stdout)["checkpoint"]) / "manifest.json").read_text())
+    assert manifest["world_size"] == 1 and manifest["num_classes"] == IDENTITIES
+
+
+@pytest.mark.slow
+def test_small_main_job_reaches_verification_accuracy(tmp_path):
+    data = tmp_path / "data"
+    assert call_quiet("make-synthetic", "--identities", "100", "--images-per-id", "16", "--out", str(data),
+                      "--workers", "1") == 0
+    argv = ["-m", "partial_fc", "train", "synthetic", "--set", f"rec={data}", "--set", f"output={tmp_path / 'out'}",
+            "--set", "num_classes=100", "--set", "num_image=1600", "--set", "num_epoch=3", "--set", "batch_size=32",
+            "--set", "verbose=25", "--set", "num_workers=1"]
+    job = launch("mpirun", 2, argv, timeout=900)
+    assert job.returncode == 0, job.stderr
+    assert summary(job.stdout)["best_verification"]["synthetic"] >= 0.9
