@@ -1,7 +1,5 @@
 """`python -m partial_fc` runs the `partial-fc` command."""
 
-import sys
+from partial_fc.cli.main import run
 
-from partial_fc.cli.main import main
-
-sys.exit(main())
+run()

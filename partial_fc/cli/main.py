@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from partial_fc import __version__
 from partial_fc.cli import bench, demo, im2rec, make_synthetic, rebuild_idx, train, unpack
 from partial_fc.cli import embed as embed_cli, eval as eval_cli, export as export_cli
 from partial_fc.cli.common import fail
-from partial_fc.comm import close_communicator
+from partial_fc.comm import close_communicator, exit_process
 from partial_fc.errors import PartialFCError
 
 SUBCOMMANDS = {
@@ -54,5 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def run() -> None:
+    """The `partial-fc` console command: `main()`, then a clean exit that skips interpreter finalisation."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

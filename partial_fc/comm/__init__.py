@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import NoReturn
+
 from partial_fc.comm.base import Communicator, ReduceOp
 from partial_fc.comm.launch import BACKENDS, LaunchInfo, choose_backend, detect_launch
 from partial_fc.comm.single import SingleProcessCommunicator
@@ -15,6 +19,7 @@ __all__ = [
     "choose_backend",
     "close_communicator",
     "detect_launch",
+    "exit_process",
     "get_communicator",
 ]
 
@@ -51,3 +56,22 @@ def close_communicator() -> None:
     if _current is not None:
         _current.close()
         _current = None
+
+
+def exit_process(status: int) -> NoReturn:
+    """End the process with ``status``; without interpreter finalisation unless Horovod is loaded.
+
+    torch's and gloo's native threads can abort a finished process while Python tears itself down
+    ("terminate called without an active exception"), turning a run that succeeded into a crash on one
+    rank. Everything a run writes is closed before this point, so the streams are flushed, MPI (started by
+    mpi4py for the torch.distributed bootstrap) is finalised for mpirun's sake, and the process leaves with
+    ``os._exit``. Horovod owns MPI's lifetime through its own exit hooks, so its processes exit normally.
+    """
+    if "horovod.torch" in sys.modules:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(status)

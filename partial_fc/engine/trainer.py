@@ -23,6 +23,7 @@ from easydict import EasyDict
 from torch import nn
 
 from partial_fc.backbones import get_model
+from partial_fc.backbones.weights import load_weights
 from partial_fc.comm import Communicator, ReduceOp
 from partial_fc.comm.timed import TimedCommunicator
 from partial_fc.data.datasets import ImageFolderDataset, RandomFaceDataset, RecordFaceDataset
@@ -87,11 +88,7 @@ def build_backbone(cfg: EasyDict, device: torch.device) -> nn.Module:
     """The configured network on ``device``, started from ``cfg.init_weights`` when given."""
     model = get_model(cfg.network, dropout=0.0, fp16=False, num_features=cfg.embedding_size)
     if cfg.init_weights:
-        state = load_backbone_state(cfg.init_weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise InputError(f"init_weights={cfg.init_weights}: does not fit network {cfg.network!r} "
-                             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        load_weights(model, load_backbone_state(cfg.init_weights), cfg.init_weights, cfg.network)
     model = model.to(device)
     if _channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from partial_fc.comm import Communicator, close_communicator
+from partial_fc.comm import Communicator, close_communicator, exit_process
 from partial_fc.errors import PartialFCError
 
 
@@ -19,4 +19,4 @@ def run_and_exit(comm: Communicator, out: str, work: Callable[[], None]) -> None
         status = 2
     (Path(out) / f"rank{comm.rank}.exit").write_text(str(status))
     close_communicator()
-    sys.exit(status)
+    exit_process(status)

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from partial_fc.comm import Communicator, close_communicator, get_communicator  # noqa: E402
+from partial_fc.comm import Communicator, close_communicator, exit_process, get_communicator  # noqa: E402
 from partial_fc.errors import InputError  # noqa: E402
 from partial_fc.heads import CombinedMargin, PartialFC, SparseAdamW, SparseSGD  # noqa: E402
 from tests.reference import Problem, make_problem  # noqa: E402
@@ -92,6 +92,7 @@ def main() -> None:
         )
     torch.save(results, Path(args.out) / f"rank{comm.rank}.pt")
     close_communicator()
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""Putting saved weights into a backbone strictly, with an error that says which keys or shapes differ."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from partial_fc.errors import InputError
+
+_SHOWN = 5
+
+
+def _first(names: list[str]) -> str:
+    more = f", ... ({len(names) - _SHOWN} more)" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def check_state_matches(state: dict[str, torch.Tensor], model: nn.Module, weights: str, network: str) -> None:
+    """Refuse ``state`` unless its keys and shapes are exactly ``model``'s; the message lists the first few
+    missing, unexpected and mis-shaped keys and, when the embedding layer differs, the size the file has."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = [f"{label} {len(keys)} key(s): {_first(keys)}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise InputError(f"{weights}: weights do not match network {network!r} ({'; '.join(parts)})")
+    misshaped = [name for name, value in state.items() if tuple(value.shape) != tuple(expected[name].shape)]
+    if misshaped:
+        details = [f"{name} {list(state[name].shape)} in the file, {list(expected[name].shape)} in the network"
+                   for name in misshaped[:_SHOWN]]
+        size = getattr(model, "embedding_size", None)
+        sizes = {int(state[name].shape[0]) for name in misshaped
+                 if expected[name].dim() >= 1 and state[name].dim() >= 1 and expected[name].shape[0] == size}
+        hint = f"; the file's embedding size looks like {sizes.pop()}, not {size} (--embedding-size)" \
+            if len(sizes) == 1 else ""
+        raise InputError(f"{weights}: weights do not match network {network!r} "
+                         f"({len(misshaped)} tensor(s) of another shape: {'; '.join(details)}){hint}")
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: str, network: str) -> nn.Module:
+    """``model`` with ``state`` loaded strictly, after ``check_state_matches`` named any mismatch."""
+    check_state_matches(state, model, weights, network)
+    model.load_state_dict(state, strict=True)
+    return model
