@@ -54,7 +54,7 @@ def train_argv(data: Path, output: Path, *more: str, **extra) -> list[str]:
 
 
 def summary(stdout: str) -> dict:
-    lines = [re.sub(r"^\[[\d,]+\]<stdout>:", "", line).strip() for line in stdout.splitlines()]  # launcher tags
+    lines = [re.sub(r"\[[\d,]+\]<std(out|err)>:", "", line).strip() for line in stdout.splitlines()]  # launcher tags
     found = [json.loads(line) for line in lines if line.startswith('{"job": "train"')]
     assert len(found) == 1, stdout
     return found[0]
@@ -203,3 +203,16 @@ def test_other_launchers_train(faceset, tmp_path, launcher):
     assert job.returncode == 0, job.stderr
     result = summary(job.stdout)
     assert result["ranks"] == 2 and result["steps"] == 4 and result["samples_per_second"] > 0
+
+
+@pytest.mark.parametrize("variant", [
+    {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.05},
+    {"fp16": "true", "amp_dtype": "bfloat16", "storage_dtype": "bfloat16"},
+    {"interclass_filtering_threshold": 0.3, "sample_rate": 1.0},
+])
+def test_training_variants_run_and_learn(faceset, tmp_path, capsys, variant):
+    status, out, err = call(capsys, "train", *settings(faceset, tmp_path, num_epoch=2, **variant))
+    assert status == 0, err
+    curve = losses(tmp_path)
+    assert summary(out)["steps"] == 40 and all(value == value for value in curve.values())  # finite, no skips
+    assert min(curve[step] for step in range(31, 41)) < curve[1]

@@ -298,6 +298,9 @@ class Trainer:
         self.monitor.print(f"training {cfg.network} on {len(self.dataset)} images, {cfg.num_classes} classes, "
                            f"{self.comm.world_size} ranks x batch {cfg.batch_size}: {self.total_steps} steps "
                            f"({self.steps_per_epoch} per epoch)")
+        if cfg.rec != "synthetic" and cfg.num_image != len(self.dataset):
+            self.monitor.print(f"note: num_image={cfg.num_image} in the config, but {cfg.rec} holds "
+                               f"{len(self.dataset)} images; steps follow the data set")
         result = TrainResult(steps=0, epochs=0, loss=math.nan)
         profiler = self._profiler()
         start = time.perf_counter()
