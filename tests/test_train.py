@@ -6,8 +6,10 @@ Multi-rank jobs run under mpirun (torch.distributed) and horovodrun; single-proc
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from partial_fc.engine.schedule import PolyWarmupSchedule
 from partial_fc.engine.trainer import Trainer
 from partial_fc.errors import InputError
 from tests.cli_helpers import assert_one_error, call
-from tests.launchers import launch
+from tests.launchers import REPO, launch, require
 
 IDENTITIES, PER_ID = 40, 8  # 320 images: 10 steps per epoch at 2 ranks x batch 16
 
@@ -216,3 +218,16 @@ def test_training_variants_run_and_learn(faceset, tmp_path, capsys, variant):
     curve = losses(tmp_path)
     assert summary(out)["steps"] == 40 and all(value == value for value in curve.values())  # finite, no skips
     assert min(curve[step] for step in range(31, 41)) < curve[1]
+
+
+@pytest.mark.slow
+def test_horovodrun_starts_config_sh_on_every_rank(faceset, tmp_path):
+    require("horovodrun-gloo")
+    cmd = ["horovodrun", "--gloo", "-np", "2", "-H", "localhost:2", "bash", str(REPO / "config.sh"),
+           *settings(faceset, tmp_path), "--perf-steps", "1"]
+    env = {**os.environ, "CONFIG": "synthetic", "LR": "0.05", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    job = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert job.returncode == 0, job.stderr
+    result = summary(job.stdout)
+    assert result["ranks"] == 2 and result["steps"] == 3
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.05  # config.sh's LR setting
