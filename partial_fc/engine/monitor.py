@@ -67,8 +67,10 @@ class PhaseTimer:
 class TrainMonitor:
     """Rank 0's log lines and TensorBoard scalars; other ranks only count."""
 
-    def __init__(self, rank: int, world_size: int, total_steps: int, frequent: int, output: Path | None):
-        """Rank 0 writes TensorBoard events to ``output/tensorboard`` and lines to ``output/metrics.jsonl``."""
+    def __init__(self, rank: int, world_size: int, total_steps: int, frequent: int, output: Path | None,
+                 resuming: bool = False):
+        """Rank 0 writes TensorBoard events to ``output/tensorboard`` and lines to ``output/metrics.jsonl``
+        (continued when ``resuming``, started afresh otherwise)."""
         self.rank, self.world_size = rank, world_size
         self.total_steps, self.frequent = total_steps, frequent
         self.writer = None
@@ -77,7 +79,7 @@ class TrainMonitor:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(output / "tensorboard"))
-            self.metrics = open(output / "metrics.jsonl", "a", encoding="utf-8")
+            self.metrics = open(output / "metrics.jsonl", "a" if resuming else "w", encoding="utf-8")
         self._window_start = time.perf_counter()
         self._window_samples = 0
         self._losses: list[float] = []

@@ -185,7 +185,8 @@ class Trainer:
         self.step, self.skipped, self.nonfinite_in_a_row = 0, 0, 0
         if comm.rank == 0:
             self.output.mkdir(parents=True, exist_ok=True)
-        self.monitor = TrainMonitor(comm.rank, comm.world_size, self.total_steps, cfg.frequent, self.output)
+        self.monitor = TrainMonitor(comm.rank, comm.world_size, self.total_steps, cfg.frequent, self.output,
+                                    resuming=bool(cfg.resume))
 
     # ------------------------------------------------------------------------------------------------ state
     @property
