@@ -17,7 +17,7 @@ import torch
 from partial_fc.cli.weights import load_backbone, pick_device
 from partial_fc.data.decode import decode_rgb, normalize_images
 from partial_fc.errors import InputError, MissingInputError
-from partial_fc.eval.roc import atomic_path
+from partial_fc.fileio import atomic_path
 from partial_fc.export import onnx_session, run_onnx
 
 IMAGE_SIZE = (112, 112)

@@ -21,7 +21,6 @@ import _compat_pickle
 import numbers
 import os
 import pickle
-import tempfile
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
@@ -30,6 +29,7 @@ import torch
 
 from partial_fc.data.decode import DecodeError, decode_into, decode_rgb, normalize_images
 from partial_fc.errors import InputError
+from partial_fc.fileio import atomic_path
 
 __all__ = [
     "BinFileError",
@@ -297,39 +297,12 @@ def write_bin(path: PathLike, images: Sequence[ImageBuffer], issame: Sequence[bo
 
     ``images`` are encoded images (``bytes``; ``bytearray`` and ``uint8`` arrays are written as ``bytes``), two
     per pair; ``issame`` one bool (or 0/1) per pair, written as Python bools. The input is validated like a file
-    being read. The write is atomic: a temporary file in the same directory is written, flushed and fsynced,
-    then ``os.replace``-d over ``path``, so readers never see a partial file.
+    being read. The write is atomic and durable (``fileio.atomic_path``): readers never see a partial file.
     """
     checked = validate_bin((list(images), list(issame)), path)
     payload = ([_to_bytes(image) for image in checked.images], list(checked.issame))
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would have
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable; best effort (not every platform can open a directory)
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as f:
+        pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 from typing import Iterable, Iterator, NamedTuple
 
 from partial_fc.errors import InputError
+from partial_fc.fileio import atomic_path
 
 
 class LstError(InputError):
@@ -27,13 +28,11 @@ def format_entry(entry: LstEntry) -> str:
 
 def write_lst(path: str | os.PathLike, entries: Iterable[LstEntry]) -> int:
     """Write `entries` to `path` (through a temporary file, then renamed); returns the number of lines."""
-    temporary = f"{os.fspath(path)}.tmp"
     count = 0
-    with open(temporary, "w", encoding="utf-8") as out:
+    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as out:
         for entry in entries:
             out.write(format_entry(entry))
             count += 1
-    os.replace(temporary, path)
     return count
 
 

@@ -35,6 +35,7 @@ from typing import Any, BinaryIO, NamedTuple, Union
 import numpy as np
 
 from partial_fc.errors import InputError, MissingInputError
+from partial_fc.fileio import atomic_path
 
 __all__ = [
     "MAGIC",
@@ -626,17 +627,9 @@ def scan_offsets(rec_path: PathLike) -> np.ndarray:
 
 def write_index(idx_path: PathLike, keys: np.ndarray, offsets: np.ndarray) -> None:
     """Write a ``.idx`` (``key<TAB>offset`` lines) through a temporary file, so a failure leaves no partial index."""
-    idx_path = os.fspath(idx_path)
-    tmp = f"{idx_path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="ascii", newline="\n") as out:
-            for key, offset in zip(keys.tolist(), offsets.tolist()):
-                out.write(f"{key}\t{offset}\n")
-        os.replace(tmp, idx_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(idx_path) as tmp, open(tmp, "w", encoding="ascii", newline="\n") as out:
+        for key, offset in zip(keys.tolist(), offsets.tolist()):
+            out.write(f"{key}\t{offset}\n")
 
 
 def rebuild_index(rec_path: PathLike, idx_path: PathLike) -> int:

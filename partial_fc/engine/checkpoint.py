@@ -31,6 +31,7 @@ from torch import nn
 import partial_fc
 from partial_fc.comm import Communicator
 from partial_fc.errors import InputError, MissingInputError, PartialFCError
+from partial_fc.fileio import atomic_path, fsync_path
 
 __all__ = [
     "CheckpointError",
@@ -143,14 +144,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def _save_durably(obj: Any, path: Path) -> dict[str, Any]:
@@ -315,17 +308,15 @@ def _publish(root: Path, partial: Path, manifest: dict[str, Any], keep: int) -> 
             raise CheckpointError(f"{path} is not visible to rank 0 with {meta['size']} bytes: the checkpoint "
                                   "root must be a filesystem shared by every rank")
     _write_text_durably(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-    _fsync_dir(partial)
+    fsync_path(partial)
     final = root / step_dir_name(manifest["step"])
     replaced = root / f".{final.name}.old"
     if final.exists():
         os.rename(final, replaced)
     os.rename(partial, final)
-    _fsync_dir(root)
-    temporary = root / f".latest.{os.getpid()}.tmp"
-    _write_text_durably(temporary, final.name + "\n")
-    os.replace(temporary, root / LATEST)
-    _fsync_dir(root)
+    fsync_path(root)
+    with atomic_path(root / LATEST, durable=True) as temporary:
+        Path(temporary).write_text(final.name + "\n", encoding="utf-8")
     if replaced.exists():
         shutil.rmtree(replaced)
     _prune(root, keep, final)

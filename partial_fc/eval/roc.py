@@ -6,39 +6,15 @@ every point here is one the accuracy and TAR@FAR computations can reach.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from typing import Iterator, Mapping, NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from partial_fc.errors import InputError
+from partial_fc.fileio import atomic_path
 
-__all__ = ["RocCurve", "atomic_path", "plot_roc", "roc_curve"]
-
-
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[str]:
-    """A temporary path beside ``target`` to write to; renamed over ``target`` when the block succeeds.
-
-    Readers never see a partial file; on failure the temporary file is removed and ``target`` is untouched.
-    The file gets the mode a plain ``open()`` would give it.
-    """
-    target = os.fspath(target)
-    directory = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+__all__ = ["RocCurve", "plot_roc", "roc_curve"]
 
 
 class RocCurve(NamedTuple):

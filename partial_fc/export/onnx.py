@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from partial_fc.errors import InputError, MissingInputError, PartialFCError
-from partial_fc.eval.roc import atomic_path
+from partial_fc.fileio import atomic_path
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession

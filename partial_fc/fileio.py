@@ -1,0 +1,49 @@
+"""Writing files so that readers never see a partial one: write beside the target, then rename over it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Iterator
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a directory's) data to disk; best effort where a directory cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, durable: bool = False) -> Iterator[str]:
+    """A temporary path beside ``target`` to write to; renamed over ``target`` when the block succeeds.
+
+    On failure the temporary file is removed and ``target`` is untouched. The file gets the mode a plain
+    ``open()`` would give it. ``durable`` also fsyncs the file before the rename and the folder after it.
+    """
+    target = os.fspath(target)
+    directory = os.path.dirname(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        if durable:
+            fsync_path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_path(directory)
