@@ -24,7 +24,7 @@ from torch import nn
 
 from partial_fc.backbones import get_model
 from partial_fc.backbones.weights import load_weights
-from partial_fc.comm import Communicator, ReduceOp
+from partial_fc.comm import Communicator
 from partial_fc.comm.timed import TimedCommunicator
 from partial_fc.data.datasets import ImageFolderDataset, RandomFaceDataset, RecordFaceDataset
 from partial_fc.data.loader import build_loader, device_batch
@@ -36,7 +36,7 @@ from partial_fc.engine.monitor import PhaseTimer, TrainMonitor
 from partial_fc.engine.schedule import PolyWarmupSchedule
 from partial_fc.engine.validation import Verifier, load_verification_sets
 from partial_fc.errors import InputError, MissingInputError, PartialFCError
-from partial_fc.heads import CombinedMargin, PartialFC, SparseAdamW, SparseSGD
+from partial_fc.heads import CombinedMargin, NonFiniteEmbeddings, PartialFC, SparseAdamW, SparseSGD
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -221,11 +221,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (one tiny all-reduce)."""
-        value = torch.tensor([float(flag)], device=self.device)
-        return bool(self.comm.all_reduce(value, ReduceOp.MAX).item())
-
     def _skip(self, why: str) -> None:
         """Count a skipped step; stop after too many in a row."""
         self.skipped += 1
@@ -249,10 +244,11 @@ class Trainer:
             with self.timer.phase("backbone"), self._autocast():
                 embeddings = self.backbone(images)
             features = embeddings.detach().float().requires_grad_()
-            if self._any_rank(not bool(torch.isfinite(features).all())):
-                return None
             with self.timer.phase("head"):
-                loss = self.head(features, labels)
+                try:
+                    loss = self.head(features, labels)
+                except NonFiniteEmbeddings:  # found in the head's first collective, so every rank skips alike
+                    return None
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     return None

@@ -65,6 +65,10 @@ def _rank_seed(seed: int, rank: int) -> int:
     return (seed * 1_000_003 + rank * 7919 + 12345) % (2**63 - 1)
 
 
+class NonFiniteEmbeddings(InputError):
+    """Some rank's embeddings hold NaN or infinity; raised alike on every rank, so a trainer may skip the step."""
+
+
 class PartialFC(nn.Module):
     """Sharded class centers with sampled margin softmax; `forward` returns the mean loss over the global batch.
 
@@ -182,7 +186,7 @@ class PartialFC(nn.Module):
             if fact["labels"] != fact["batch"]:
                 raise InputError(f"{where}: {fact['labels']} labels for {fact['batch']} embeddings")
             if not fact["finite"]:
-                raise InputError(f"{where}: embeddings contain NaN or infinity")
+                raise NonFiniteEmbeddings(f"{where}: embeddings contain NaN or infinity")
             for key in ("min_label", "max_label"):
                 if fact["batch"] and not 0 <= fact[key] < self.num_classes:
                     raise InputError(f"{where}: label {fact[key]} is outside [0, {self.num_classes})")
