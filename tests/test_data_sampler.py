@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from partial_fc.data.sampler import DistributedEpochSampler, EpochBatchSampler, SeededBatch
+from partial_fc.data.sampler import DistributedEpochSampler, EpochBatchSampler, SeededBatch, position_uniforms
 from partial_fc.errors import InputError
 
 DATA = Path(__file__).resolve().parents[1] / "partial_fc" / "data"
@@ -98,19 +98,40 @@ def test_bad_arguments_and_states_are_refused():
     assert (sampler.epoch, sampler.position) == (5, 2)
 
 
-def test_batches_carry_position_seeds_and_resume_aligned():
+def test_batches_carry_global_positions_and_resume_aligned():
     sampler = DistributedEpochSampler(23, 1, 2, seed=4)
     batches = EpochBatchSampler(sampler, 5, drop_last=False, seed=8)
     all_batches = list(batches)
     assert len(batches) == len(all_batches) == 3 and [len(b) for b in all_batches] == [5, 5, 2]
     assert list(itertools.chain(*all_batches)) == list(sampler)
-    assert [b.seed for b in all_batches] == [(8, 0, 1, 0), (8, 0, 1, 5), (8, 0, 1, 10)]
+    assert all(b.seed == (8, 0) for b in all_batches)
+    assert list(itertools.chain(*(b.positions for b in all_batches))) == list(range(1, 24, 2))  # rank 1 of 2
     assert len(EpochBatchSampler(sampler, 5, drop_last=True)) == 2
     sampler.advance(5)
     rest = list(batches)
-    assert [b.seed for b in rest] == [b.seed for b in all_batches[1:]] and rest == all_batches[1:]
+    assert [b.positions for b in rest] == [b.positions for b in all_batches[1:]] and rest == all_batches[1:]
     copy = pickle.loads(pickle.dumps(rest[0]))  # crosses to DataLoader workers intact
-    assert isinstance(copy, SeededBatch) and copy == rest[0] and copy.seed == rest[0].seed
+    assert isinstance(copy, SeededBatch) and copy == rest[0] and np.array_equal(copy.uniforms(), rest[0].uniforms())
+
+
+def test_augmentation_draws_are_the_same_for_any_number_of_ranks():
+    """A sample's draw follows its global position: one rank with batch 2B sees what two ranks with B see."""
+    def draws(world_size: int, batch: int) -> dict[int, float]:
+        found = {}
+        for rank in range(world_size):
+            sampler = DistributedEpochSampler(48, rank, world_size, seed=3)
+            sampler.set_epoch(2)
+            for seeded in EpochBatchSampler(sampler, batch, drop_last=True, seed=6):
+                found.update(zip(seeded.positions, seeded.uniforms()))
+        return found
+
+    one, two, three = draws(1, 8), draws(2, 4), draws(3, 2)
+    assert one == two == three and sorted(one) == list(range(48))
+    values = np.array(list(one.values()))
+    assert 0.0 <= values.min() and values.max() < 1.0 and 0.3 < values.mean() < 0.7
+    assert len(set(values.tolist())) == len(values)
+    assert not np.array_equal(position_uniforms(6, 3, np.arange(48)), position_uniforms(6, 2, np.arange(48)))
+    assert not np.array_equal(position_uniforms(7, 2, np.arange(48)), position_uniforms(6, 2, np.arange(48)))
 
 
 FORBIDDEN = ("partial_fc.comm", "partial_fc.heads", "partial_fc.engine", "partial_fc.cli", "torch.distributed")

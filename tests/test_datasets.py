@@ -265,13 +265,12 @@ def test_loader_continues_after_a_break_and_counts_only_delivered_batches(facese
 
 def test_batches_are_decoded_in_place_and_match_single_items(faceset):
     ds = RecordFaceDataset(faceset, flip=True)
-    batch = SeededBatch([5, 0, 11, 3], (1, 2, 3, 4))
+    batch = SeededBatch([5, 0, 11, 3], (1, 2), [7, 9, 11, 13])
     samples = ds.__getitems__(batch)
     assert isinstance(samples, StackedSamples) and len(samples) == 4
     images, labels = collate(samples)
     assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == torch.uint8 and labels.tolist() == [1, 0, 3, 1]
-    rng = np.random.default_rng(batch.seed)
-    singles = [ds._sample(index, rng) for index in batch]  # the same draws, one image at a time
+    singles = [ds._sample(index, draw) for index, draw in zip(batch, batch.uniforms())]  # one image at a time
     assert torch.equal(images, torch.stack([image for image, _ in singles]))
     stacked_by_default = default_collate(samples)  # a plain DataLoader still works on them
     assert torch.equal(stacked_by_default[0], images) and torch.equal(stacked_by_default[1], labels)

@@ -126,4 +126,4 @@ def test_distributed_filtering_matches_reference(tmp_path, ranks):
         assert "interclass_filtering_threshold differs between ranks" in result["mismatch_error"]
         rows = problem.rank_rows(rank)
         assert len(result["runs"]) == 2
-        check_runs(result["runs"], expected, rows, TOLERANCE)
+        check_runs(result["runs"], expected, rows, TOLERANCE, ranks)

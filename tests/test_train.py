@@ -23,6 +23,7 @@ from partial_fc.engine.trainer import Trainer
 from partial_fc.errors import InputError
 from tests.cli_helpers import assert_one_error, call
 from tests.launchers import REPO, launch, require
+from tests.numerics import relative_error
 
 IDENTITIES, PER_ID = 40, 8  # 320 images: 10 steps per epoch at 2 ranks x batch 16
 
@@ -62,9 +63,12 @@ def summary(stdout: str) -> dict:
     return found[0]
 
 
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(output: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}
+    return {row["step"]: row["loss"] for row in metrics(output)}
 
 
 def test_schedule_warms_up_then_decays_to_zero():
@@ -116,6 +120,103 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(faceset, tmp_path, capsy
                                                         clip_grad_norm=0, warmup_epoch=0))
     assert_one_error(status, err, "2 steps in a row", "max_nonfinite_steps=2")
     assert "skipped" in out
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint by name, the center shards and their optimizer rows joined by class range."""
+    tensors = {f"backbone.{key}": value for key, value in torch.load(path / "backbone.pt").items()}
+    for index, state in torch.load(path / "backbone_optimizer.pt")["state"].items():
+        tensors.update({f"backbone_optimizer.{index}.{key}": value for key, value in state.items()})
+    shards = sorted((torch.load(file) for file in path.glob("centers_*.pt")), key=lambda shard: shard["start"])
+    assert [shard["start"] for shard in shards[1:]] == [shard["end"] for shard in shards[:-1]]
+    tensors["centers"] = torch.cat([shard["weight"] for shard in shards])
+    for key in shards[0]["row_state"]:
+        tensors[f"centers.{key}"] = torch.cat([shard["row_state"][key] for shard in shards])
+    return tensors
+
+
+EXACT_CLIP = 0.5  # below every step's gradient norm in the clipped variant, so clipping acts on each step
+EXACT_VARIANTS = {
+    "sgd": dict(optimizer="sgd", lr=0.02, clip_grad_norm=0),
+    "adamw_acc2_clip": dict(optimizer="adamw", lr=0.003, weight_decay=0.05, gradient_acc=2, clip_grad_norm=EXACT_CLIP),
+}
+EXACT_SETTINGS = dict(network="plain_nano", sample_rate=1.0, num_epoch=1, warmup_epoch=0.5, checkpoint_every=5,
+                      keep_checkpoints=4)
+# float32, the batch summed in another order: parameters agree to ~4e-5 after 20 steps here; optimizer state
+# (sums of gradients with cancellation, e.g. PReLU slopes) to ~3e-4. A wrong gradient scale is off by ~0.5.
+EXACT_TOLERANCE = {"parameters": 1e-4, "optimizer state": 1e-3}
+
+
+def tolerance_of(name: str) -> float:
+    return EXACT_TOLERANCE["parameters" if name == "centers" or name.startswith("backbone.") else "optimizer state"]
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(faceset, tmp_path_factory):
+    """`partial-fc train` on one rank with batch 16, per variant (made once, shared by the launchers' tests)."""
+    runs = {}
+
+    def run(variant: str) -> Path:
+        if variant not in runs:
+            output = tmp_path_factory.mktemp(f"one_{variant}")
+            argv = train_argv(faceset, output, batch_size=16, **EXACT_SETTINGS, **EXACT_VARIANTS[variant])
+            job = launch("mpirun", 1, argv, timeout=400)
+            assert job.returncode == 0, job.stderr
+            runs[variant] = output
+        return runs[variant]
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(EXACT_VARIANTS))
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun-gloo"])
+def test_two_ranks_train_exactly_like_one_process_on_the_doubled_batch(faceset, tmp_path, one_process_runs,
+                                                                       launcher, variant):
+    """Batch 8 on each of 2 ranks against batch 16 on one (BatchNorm-free network, every center sampled): the
+    same samples and flips per step, so every tensor of every checkpoint must agree, and every logged step."""
+    job = launch(launcher, 2, train_argv(faceset, tmp_path, batch_size=8, **EXACT_SETTINGS, **EXACT_VARIANTS[variant]),
+                 timeout=400)
+    assert job.returncode == 0, job.stderr
+    one = one_process_runs(variant)
+    saved = sorted(path.name for path in (one / "checkpoints").glob("step_*"))
+    assert saved == sorted(path.name for path in (tmp_path / "checkpoints").glob("step_*")) and len(saved) >= 2
+    for name in saved:
+        got, want = checkpoint_tensors(tmp_path / "checkpoints" / name), checkpoint_tensors(one / "checkpoints" / name)
+        assert sorted(got) == sorted(want)
+        errors = {key: relative_error(got[key], value) for key, value in want.items()}
+        assert all(error < tolerance_of(key) for key, error in errors.items()), (name, errors)
+    first, last = (checkpoint_tensors(one / "checkpoints" / name) for name in (saved[0], saved[-1]))
+    moved = [relative_error(last[key], first[key]) for key in first if key.startswith("backbone.")] + [
+        relative_error(last["centers"], first["centers"])]
+    assert min(moved) > 100 * EXACT_TOLERANCE["parameters"]  # they move far beyond the tolerance: it discriminates
+    rows_two, rows_one = metrics(tmp_path), metrics(one)
+    assert [row["step"] for row in rows_two] == [row["step"] for row in rows_one] == list(range(1, len(rows_one) + 1))
+    for key in ("loss", "grad_norm", "learning_rate"):
+        assert [row[key] for row in rows_two] == pytest.approx([row[key] for row in rows_one],
+                                                               rel=EXACT_TOLERANCE["parameters"]), key
+    if EXACT_VARIANTS[variant]["clip_grad_norm"]:
+        assert min(row["grad_norm"] for row in rows_one) > EXACT_CLIP
+
+
+def test_a_loss_scaler_changes_no_step(faceset, tmp_path):
+    """The fp16 path's GradScaler (GPUs) scales only the backbone's backward, by powers of two, and unscales before
+    clipping: every checkpoint equals an unscaled run's bit for bit (torch's CPU GradScaler stands in here)."""
+    saved = {}
+    for name in ("unscaled", "scaled"):
+        overrides = settings(faceset, tmp_path / name, **EXACT_SETTINGS, **EXACT_VARIANTS["adamw_acc2_clip"])[1::2]
+        trainer = Trainer(load_config("synthetic", [*overrides, "val_targets=[]"], environ={}),
+                          SingleProcessCommunicator())
+        if name == "scaled":  # grows 2**12 -> 2**17 over the run: a real, changing scale
+            trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+        result = trainer.fit()
+        saved[name] = tmp_path / name / "checkpoints"
+    assert trainer.scaler.get_scale() == 2.0**17 and result.skipped_steps == 0
+    names = sorted(path.name for path in saved["unscaled"].glob("step_*"))
+    assert names == sorted(path.name for path in saved["scaled"].glob("step_*")) and names
+    for name in names:
+        plain, scaled = checkpoint_tensors(saved["unscaled"] / name), checkpoint_tensors(saved["scaled"] / name)
+        assert all(torch.equal(scaled[key], value) for key, value in plain.items()), name
 
 
 @pytest.mark.parametrize("case", ["typo", "missing_data", "too_few_classes", "bad_value"])

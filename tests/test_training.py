@@ -30,8 +30,8 @@ def test_loss_falls_and_replicas_stay_identical(launcher, ranks, backend):
 
 
 @pytest.mark.parametrize("launcher", ["mpirun", "horovodrun-gloo"])
-def test_sum_reduction_on_two_ranks_equals_one_process_on_the_whole_batch(launcher):
-    arguments = [*DEMO, "--reduction", "sum", "--sample-rate", "1", "--steps", "5", "--log-every", "1"]
+def test_two_ranks_equal_one_process_on_the_whole_batch(launcher):
+    arguments = [*DEMO, "--sample-rate", "1", "--steps", "5", "--log-every", "1"]
     two = summary(launch(launcher, 2, arguments).stdout)
     one = summary(launch(launcher, 1, [*arguments, "--batch", "128"]).stdout)
     assert abs(two["last_loss"] - one["last_loss"]) < 1e-4 * one["last_loss"]

@@ -26,7 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--reduction", choices=("average", "sum"), default="average")
     parser.add_argument("--log-every", type=int, default=10)
     parser.set_defaults(
         classes=2000, dim=64, batch=128, sample_rate=0.2, steps=150, margin="cosface", scale=32.0
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     head = head_from_options(args, comm)
     backbone = ToyBackbone(args.input_dim, args.dim).to(device)
     optimizer = torch.optim.SGD(backbone.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    backbone, optimizer = distribute_backbone(backbone, optimizer, comm, reduction=args.reduction)
+    backbone, optimizer = distribute_backbone(backbone, optimizer, comm)
     center_optimizer = SparseSGD(head, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     data = SeparableIdentities(args.classes, args.input_dim, args.noise, args.seed, device)
     print_rank0(comm, f"demo: {comm.world_size} rank(s) on {comm.name}, {args.classes} identities, "

@@ -69,13 +69,16 @@ class Communicator(ABC):
     def close(self) -> None:
         """Release the backend's resources once every rank is done with them."""
 
-    def all_gather_with_grad(self, tensor: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
-        """Differentiable all-gather: backward hands each rank the sum over ranks of its own rows' gradient."""
-        if self.world_size == 1:
+    def all_gather_with_grad(
+        self, tensor: torch.Tensor, sizes: Sequence[int] | None = None, grad_scale: float = 1.0
+    ) -> torch.Tensor:
+        """Differentiable all-gather: backward hands each rank the sum over ranks of its own rows' gradient,
+        times `grad_scale`."""
+        if self.world_size == 1 and grad_scale == 1.0:
             return tensor
         if sizes is None:
             sizes = self.gather_sizes(tensor.shape[0])
-        return _AllGatherWithGrad.apply(tensor, self, tuple(int(s) for s in sizes))
+        return _AllGatherWithGrad.apply(tensor, self, tuple(int(s) for s in sizes), float(grad_scale))
 
     def gather_sizes(self, size: int) -> list[int]:
         """Every rank's value of the integer `size`, in rank order."""
@@ -84,11 +87,13 @@ class Communicator(ABC):
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather whose backward is a reduce-scatter: sum the gradient over ranks, keep this rank's rows."""
+    """All-gather whose backward is a reduce-scatter (sum the gradient over ranks, keep this rank's rows), scaled."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, comm: Communicator, sizes: tuple[int, ...]) -> torch.Tensor:
-        ctx.comm = comm
+    def forward(
+        ctx, tensor: torch.Tensor, comm: Communicator, sizes: tuple[int, ...], grad_scale: float
+    ) -> torch.Tensor:
+        ctx.comm, ctx.grad_scale = comm, grad_scale
         ctx.start = sum(sizes[: comm.rank])
         ctx.size = sizes[comm.rank]
         return comm.all_gather(tensor.contiguous(), sizes=sizes)
@@ -96,4 +101,5 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         summed = ctx.comm.all_reduce(grad.contiguous().clone(), ReduceOp.SUM)
-        return summed[ctx.start : ctx.start + ctx.size], None, None
+        mine = summed[ctx.start : ctx.start + ctx.size]
+        return mine.mul_(ctx.grad_scale), None, None, None

@@ -3,8 +3,9 @@
 Training datasets return ``(image uint8 RGB [H, W, 3], label int64 scalar tensor)`` and are safe in forked
 DataLoader workers (files are opened lazily in each process; index arrays are numpy, so forked workers share
 them without copy-on-write growth). A batch that comes as a ``SeededBatch`` (from ``EpochBatchSampler``) draws
-its flips from the batch's own seed; single items draw from a per-process generator seeded from torch's
-initial seed (which DataLoader sets per worker).
+each sample's flip from the sample's global position in the epoch, so flips are the same on any number of
+ranks and workers; single items draw from a per-process generator seeded from torch's initial seed (which
+DataLoader sets per worker).
 
 A batch of a fixed image size is decoded straight into one batch tensor (in shared memory inside a worker, as
 DataLoader's own collate does) and comes back as ``StackedSamples``: still a list of ``(image, label)`` views,
@@ -109,28 +110,31 @@ class _FaceDataset(Dataset):
             self._rng = (pid, np.random.default_rng(torch.initial_seed()))
         return self._rng[1]
 
-    def _sample(self, index: int, rng: np.random.Generator) -> Sample:
-        """Load one sample on its own (no batch tensor); one flip draw from ``rng`` when flipping."""
+    def _sample(self, index: int, draw: float) -> Sample:
+        """Load one sample on its own (no batch tensor); flipped when flipping is on and ``draw`` < 0.5."""
         payload, label = self._read(index)
         if self.image_size is None:
             image = decode_rgb(payload, self._source(index))
         else:
             image = np.empty((*self.image_size, 3), dtype=np.uint8)
             self._decode_into(index, payload, image)
-        if self.flip and rng.random() < 0.5:
+        if self.flip and draw < 0.5:
             image = image[:, ::-1]
         return torch.from_numpy(np.ascontiguousarray(image)), torch.tensor(label, dtype=torch.int64)
 
     def __getitem__(self, index: int) -> Sample:
         """One ``(image, label)``, flipped (when enabled) by this process's generator."""
-        return self._sample(index, self._process_rng())
+        return self._sample(index, self._process_rng().random())
 
     def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
-        """A batch decoded into one uint8 tensor; a ``SeededBatch`` draws its flips from its own seed, so they do
-        not depend on the worker (the same draws, in order, as loading its samples one by one)."""
-        rng = np.random.default_rng(indices.seed) if isinstance(indices, SeededBatch) else self._process_rng()
+        """A batch decoded into one uint8 tensor; a ``SeededBatch``'s flips come from its samples' global epoch
+        positions, so they depend on neither the worker nor the number of ranks."""
+        if isinstance(indices, SeededBatch):
+            draws = indices.uniforms()
+        else:
+            draws = self._process_rng().random(len(indices))
         if self.image_size is None:  # images keep their own sizes: no common batch tensor
-            return [self._sample(index, rng) for index in indices]
+            return [self._sample(index, draw) for index, draw in zip(indices, draws)]
         images = _batch_tensor((len(indices), *self.image_size, 3))
         labels = torch.empty(len(indices), dtype=torch.int64)
         slots, label_values = images.numpy(), labels.numpy()
@@ -138,7 +142,7 @@ class _FaceDataset(Dataset):
             payload, label_values[slot] = self._read(index)
             self._decode_into(index, payload, slots[slot])
         if self.flip:
-            flip_images(slots, rng.random(len(indices)) < 0.5)
+            flip_images(slots, draws < 0.5)
         return StackedSamples(images, labels)
 
 

@@ -16,14 +16,14 @@ have consumed one prefix of the epoch's order.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from partial_fc.errors import InputError
 
-__all__ = ["DistributedEpochSampler", "EpochBatchSampler", "SeededBatch"]
+__all__ = ["DistributedEpochSampler", "EpochBatchSampler", "SeededBatch", "position_uniforms"]
 
 _CHUNK = 1 << 16  # indices turned into Python ints at a time (an epoch of millions never becomes one list)
 
@@ -120,18 +120,43 @@ def _iterate(indices: np.ndarray, start: int) -> Iterator[int]:
         yield from indices[begin:begin + _CHUNK].tolist()
 
 
-class SeededBatch(list):
-    """A batch of dataset indices plus the seed its random augmentation draws from.
+def _mix(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64s: a counter-based hash whose outputs pass as independent uniform bits."""
+    with np.errstate(over="ignore"):
+        values = values + np.uint64(0x9E3779B97F4A7C15)
+        values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
 
-    The seed is fixed by where the batch sits (seed, epoch, rank, position in the epoch), not by which worker
-    loads it, so augmentation is the same for any number of workers and after a mid-epoch restore.
+
+def position_uniforms(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """One uniform draw in [0, 1) per global epoch position, from (seed, epoch, position) alone."""
+    key = _mix(_mix(np.array([seed], dtype=np.uint64)) ^ np.uint64(epoch))
+    bits = _mix(key ^ np.asarray(positions, dtype=np.uint64))
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+class SeededBatch(list):
+    """A batch of dataset indices plus what its random augmentation draws from.
+
+    Each sample's draw depends only on (seed, epoch) and the sample's position in the epoch's global order, not
+    on the rank, the number of ranks or the worker that loads it: a sample is flipped alike on one rank or W
+    ranks, by any number of workers, and after a mid-epoch restore.
     """
 
-    seed: tuple[int, ...]
+    seed: tuple[int, int]
+    positions: tuple[int, ...]
 
-    def __init__(self, indices: list, seed: tuple[int, ...]):
+    def __init__(self, indices: list, seed: tuple[int, int], positions: Sequence[int]):
         super().__init__(indices)
+        if len(positions) != len(indices):
+            raise InputError(f"{len(positions)} positions for a batch of {len(indices)} indices")
         self.seed = seed
+        self.positions = tuple(int(p) for p in positions)
+
+    def uniforms(self) -> np.ndarray:
+        """One uniform draw in [0, 1) per sample, in batch order."""
+        return position_uniforms(*self.seed, np.array(self.positions, dtype=np.uint64))
 
 
 class EpochBatchSampler(Sampler[SeededBatch]):
@@ -152,14 +177,16 @@ class EpochBatchSampler(Sampler[SeededBatch]):
     def __iter__(self) -> Iterator[SeededBatch]:
         """The remaining batches of the epoch (the sampler's state is read now, not lazily)."""
         s = self.sampler
-        return _batches(s.indices(), s.position, self.batch_size, self.drop_last, (self.seed, s.epoch, s.rank))
+        return _batches(s.indices(), s.position, self.batch_size, self.drop_last, (self.seed, s.epoch), s.rank,
+                        s.world_size)
 
 
-def _batches(indices: np.ndarray, start: int, size: int, drop_last: bool,
-             seed: tuple[int, int, int]) -> Iterator[SeededBatch]:
-    """Cut ``indices[start:]`` into ``SeededBatch``es seeded by ``seed + (position of their first sample,)``."""
+def _batches(indices: np.ndarray, start: int, size: int, drop_last: bool, seed: tuple[int, int], rank: int,
+             world_size: int) -> Iterator[SeededBatch]:
+    """Cut ``indices[start:]`` into ``SeededBatch``es; this rank's local position ``p`` is global ``p * W + rank``."""
     for begin in range(start, len(indices), size):
         chunk = indices[begin:begin + size]
         if drop_last and len(chunk) < size:
             return
-        yield SeededBatch(chunk.tolist(), (*seed, begin))
+        positions = range(begin * world_size + rank, (begin + len(chunk)) * world_size + rank, world_size)
+        yield SeededBatch(chunk.tolist(), seed, positions)

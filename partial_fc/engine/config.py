@@ -70,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "storage_dtype": "float32",  # dtype the class-center shards are stored in: float32, bfloat16, float16
     "amp_dtype": "float16",  # autocast dtype when fp16 is true: float16 or bfloat16
     "channels_last": False,  # NHWC memory layout for the backbone
+    "sync_bn": False,  # BatchNorm statistics over every rank's batch (a step then equals one process exactly)
     "clip_grad_norm": 5.0,  # backbone gradient-norm clip (arcface_torch hard-codes 5); 0 disables
     "max_nonfinite_steps": 5,  # stop after this many non-finite losses/gradients in a row
     "keep_checkpoints": 3,  # checkpoints kept in `output`; older ones are deleted

@@ -1,4 +1,4 @@
-"""Data parallelism for the backbone: same start on every rank, gradients all-reduced every step.
+"""Data parallelism for the backbone: same start on every rank, gradients averaged over ranks every step.
 
 Horovod's DistributedOptimizer on the Horovod backend, DistributedDataParallel on torch.distributed,
 nothing on a single process. Parameters and optimizer state are broadcast from rank 0 first.
@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from partial_fc.comm import Communicator
-
-REDUCTIONS = ("average", "sum")
+from partial_fc.engine.sync_batchnorm import convert_sync_batchnorm
 
 
 def broadcast_start(model: nn.Module, optimizer: torch.optim.Optimizer, comm: Communicator) -> None:
@@ -21,42 +20,31 @@ def broadcast_start(model: nn.Module, optimizer: torch.optim.Optimizer, comm: Co
     optimizer.load_state_dict(comm.broadcast_object(optimizer.state_dict()))
 
 
-def _sum_hook(process_group, bucket):
-    """A DDP communication hook that sums gradients instead of averaging them."""
-    import torch.distributed as dist
-
-    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
-    return work.get_future().then(lambda future: future.value()[0])
-
-
 def distribute_backbone(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     comm: Communicator,
-    reduction: str = "average",
     accumulation_steps: int = 1,
+    sync_batchnorm: bool = False,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Return (model, optimizer) whose backward/step all-reduce the backbone gradients over `comm`'s ranks.
+    """Return (model, optimizer) whose backward/step *average* the backbone gradients over `comm`'s ranks.
 
-    `reduction='average'` is the Horovod and arcface_torch convention; 'sum' gives the gradient of the
-    global-batch loss, matching a single process that sees the whole gathered batch. With
-    `accumulation_steps` > 1 Horovod reduces once per that many backward passes; under DDP the caller
-    wraps the passes before the last in `model.no_sync()`.
+    Averaging is exact with `PartialFC`, whose backward scales each rank's embedding gradient by the world
+    size: the average is the gradient of the global-batch loss, so a step on W ranks moves every parameter as
+    one process would on the concatenated batch (BatchNorm statistics aside, unless `sync_batchnorm` turns
+    them into global ones). With `accumulation_steps` > 1 Horovod reduces once per that many backward passes;
+    under DDP the caller wraps the passes before the last in `model.no_sync()`.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction {reduction!r} is not one of {REDUCTIONS}")
+    if sync_batchnorm:
+        convert_sync_batchnorm(model, comm)
     broadcast_start(model, optimizer, comm)
     if comm.world_size == 1:
         return model, optimizer
     if comm.name == "horovod":
         hvd = comm.hvd
-        op = hvd.Average if reduction == "average" else hvd.Sum
-        return model, hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=op,
+        return model, hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=hvd.Average,
                                                 backward_passes_per_step=accumulation_steps)
     if comm.name == "torch":
         device_ids = [comm.device.index] if comm.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=comm.group)
-        if reduction == "sum":
-            wrapped.register_comm_hook(comm.group, _sum_hook)
-        return wrapped, optimizer
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=comm.group), optimizer
     raise ValueError(f"no data-parallel wrapper for communicator {comm.name!r}")

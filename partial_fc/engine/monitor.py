@@ -1,8 +1,9 @@
 """What a run reports: rank 0's progress line every `frequent` steps, TensorBoard scalars, per-phase timing.
 
-The line carries samples per second (all ranks), loss (mean over the window), learning rate, epoch, step,
-loss scale and the time left at the window's pace; the same numbers, unrounded, go to `metrics.jsonl`. Phase timing (data, backbone, head, communication) is
-collected in perf mode only, where each phase is closed with a device synchronisation.
+The line carries samples per second (all ranks), loss and backbone gradient norm (means over the window),
+learning rate, epoch, step, loss scale and the time left at the window's pace; the same numbers, unrounded,
+go to `metrics.jsonl`. Phase timing (data, backbone, head, communication) is collected in perf mode only,
+where each phase is closed with a device synchronisation.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class TrainMonitor:
         self._window_start = time.perf_counter()
         self._window_samples = 0
         self._losses: list[float] = []
+        self._grad_norms: list[float] = []
 
     def print(self, message: str) -> None:
         """One line on rank 0."""
@@ -95,28 +97,33 @@ class TrainMonitor:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, samples: int, loss_scale: float | None) -> None:
-        """Count one optimizer step of ``samples`` per rank; every ``frequent`` steps print and log the window."""
+    def step(self, step: int, epoch: int, loss: float, lr: float, samples: int, grad_norm: float,
+             loss_scale: float | None) -> None:
+        """Count one optimizer step of ``samples`` per rank; every ``frequent`` steps print and log the window.
+
+        ``grad_norm`` is the backbone's global gradient norm before clipping (logged as the window's mean)."""
         self._window_samples += samples * self.world_size
         self._losses.append(loss)
+        self._grad_norms.append(grad_norm)
         if step % self.frequent and step != self.total_steps:
             return
         elapsed = time.perf_counter() - self._window_start
         speed = self._window_samples / max(elapsed, 1e-9)
         mean_loss = sum(self._losses) / len(self._losses)
+        grad_norm = sum(self._grad_norms) / len(self._grad_norms)
         seconds_per_step = elapsed / len(self._losses)
         left = _duration(seconds_per_step * (self.total_steps - step))
         scale = "" if loss_scale is None else f" | loss scale {loss_scale:g}"
         self.print(f"step {step}/{self.total_steps} | epoch {epoch} | {speed:,.1f} samples/s | loss {mean_loss:.4f} "
-                   f"| lr {lr:.6f}{scale} | {left} left")
-        values = {"loss": mean_loss, "learning_rate": lr, "samples_per_second": speed}
+                   f"| lr {lr:.6f} | grad norm {grad_norm:.3g}{scale} | {left} left")
+        values = {"loss": mean_loss, "learning_rate": lr, "grad_norm": grad_norm, "samples_per_second": speed}
         if loss_scale is not None:
             values["loss_scale"] = loss_scale
         self.scalars(step, **values)
         if self.metrics is not None:
             self.metrics.write(json.dumps({"step": step, "epoch": epoch, **values}) + "\n")
             self.metrics.flush()
-        self._window_start, self._window_samples, self._losses = time.perf_counter(), 0, []
+        self._window_start, self._window_samples, self._losses, self._grad_norms = time.perf_counter(), 0, [], []
 
     def close(self) -> None:
         if self.writer is not None:

@@ -5,6 +5,11 @@ detached copy of the embeddings, so its own backward updates the sampled centers
 (never a loss-scaled one) and hands back the embeddings' gradient; that gradient (scaled for fp16) is then
 pushed through the backbone. Steps whose embeddings or loss are not finite are skipped on every rank alike
 (both are global facts), counted, and the run stops after ``max_nonfinite_steps`` in a row.
+
+A step on W ranks with batch B moves every parameter as one process with batch W*B would: the head's gradient
+convention makes the backbone's averaged gradients the global-batch ones, clipping sees their global norm, the
+schedule counts optimizer steps, and flips follow each sample's global position (BatchNorm statistics are per
+rank unless ``sync_bn``).
 """
 
 from __future__ import annotations
@@ -173,7 +178,7 @@ class Trainer:
                               interclass_filtering_threshold=cfg.interclass_filtering_threshold)
         body_optimizer, self.head_optimizer = build_optimizers(cfg, self.raw_backbone, self.head)
         self.backbone, self.backbone_optimizer = distribute_backbone(
-            self.raw_backbone, body_optimizer, comm, "average", accumulation_steps=cfg.gradient_acc)
+            self.raw_backbone, body_optimizer, comm, accumulation_steps=cfg.gradient_acc, sync_batchnorm=cfg.sync_bn)
         warmup = min(int(self.steps_per_epoch * cfg.warmup_epoch), self.total_steps - 1)
         self.schedule = PolyWarmupSchedule([self.backbone_optimizer, self.head_optimizer], cfg.lr,
                                            self.total_steps, warmup, cfg.lr_power)
@@ -258,8 +263,9 @@ class Trainer:
                 embeddings.backward(self.scaler.scale(grad) if self.scaler is not None else grad)
         return loss_value
 
-    def _optimizer_step(self) -> bool:
-        """Clip and step the backbone, step the centers; False when the backbone's gradients are not finite."""
+    def _optimizer_step(self) -> float | None:
+        """Clip and step the backbone, step the centers; returns the norm of the backbone's global-batch gradient
+        before clipping (the same on every rank: gradients are averaged first), None when it is not finite."""
         with self.timer.phase("communication"):
             if hasattr(self.backbone_optimizer, "synchronize"):  # Horovod: wait for the gradient all-reduce
                 self.backbone_optimizer.synchronize()
@@ -268,8 +274,8 @@ class Trainer:
                 self.scaler.unscale_(self.backbone_optimizer)
             params = [p for p in self.backbone.parameters() if p.grad is not None]
             clip = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            finite = bool(torch.isfinite(norm))
+            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            finite = math.isfinite(norm)
             skip_sync = getattr(self.backbone_optimizer, "skip_synchronize", contextlib.nullcontext)
             with skip_sync():
                 if self.scaler is not None:
@@ -279,7 +285,9 @@ class Trainer:
                     self.backbone_optimizer.step()
             self.head_optimizer.step()
             self.backbone_optimizer.zero_grad()
-        return finite or self.scaler is not None
+        if not finite and self.scaler is None:
+            return None
+        return norm  # under a loss scaler an overflow is the scaler's to handle (that step is skipped by it)
 
     # -------------------------------------------------------------------------------------------------- fit
     def _evaluate(self) -> dict[str, float]:
@@ -345,7 +353,8 @@ class Trainer:
             loss_sum += loss
             if not last:
                 continue
-            if not self._optimizer_step():
+            grad_norm = self._optimizer_step()
+            if grad_norm is None:
                 self._skip("non-finite backbone gradients")
                 loss_sum = 0.0
                 continue
@@ -354,7 +363,7 @@ class Trainer:
             self.schedule.step()
             result.loss, loss_sum = loss_sum / cfg.gradient_acc, 0.0
             self.monitor.step(self.step, self.sampler.epoch, result.loss, self.schedule.lr_at(self.step - 1),
-                              cfg.batch_size * cfg.gradient_acc,
+                              cfg.batch_size * cfg.gradient_acc, grad_norm,
                               None if self.scaler is None else float(self.scaler.get_scale()))
             if profiler is not None:
                 profiler.step()

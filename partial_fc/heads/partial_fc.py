@@ -72,6 +72,11 @@ class NonFiniteEmbeddings(InputError):
 class PartialFC(nn.Module):
     """Sharded class centers with sampled margin softmax; `forward` returns the mean loss over the global batch.
 
+    Gradient contract (arcface_torch's PartialFC_V2 convention): backward hands each rank's local embeddings
+    `world_size` times d(loss)/d(its embeddings), so a backbone whose gradients are *averaged* over ranks (DDP,
+    Horovod's DistributedOptimizer with its default op, `engine.distribute_backbone`) receives exactly the
+    gradient one process would get on the concatenated global batch. The centers get the global gradient as is.
+
     Keyword options: `comm` (defaults to the launch's communicator), `storage_dtype` of centers and
     optimizer state (float32, bfloat16, float16 or float64), `seed` of the negative sampling, `init_std`,
     `interclass_filtering_threshold` in [0, 1): negatives with a larger cosine count as cosine 0 and get
@@ -199,7 +204,11 @@ class PartialFC(nn.Module):
         """Gather the batch from every rank, sample centers, and return the global mean margin-softmax loss."""
         sizes = self._gather_batch_facts(local_embeddings, local_labels)
         labels = self.comm.all_gather(local_labels.reshape(-1).to(device=self.comm.device, dtype=torch.int64), sizes)
-        embeddings = self.comm.all_gather_with_grad(local_embeddings.to(self.working_dtype), sizes)
+        # The loss is the global-batch mean; each rank's embeddings get world_size times their share of its
+        # gradient, so that the backbone's averaging all-reduce (DDP, Horovod) yields the global-batch gradient.
+        embeddings = self.comm.all_gather_with_grad(
+            local_embeddings.to(self.working_dtype), sizes, grad_scale=self.comm.world_size
+        )
         sampled = sample_centers(labels, self.class_start, self.num_local, self.num_sample, self.generator)
         sink = None
         if torch.is_grad_enabled():
