@@ -8,13 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
 LAUNCHERS = ("mpirun", "horovodrun-gloo", "horovodrun-mpi", "torchrun")
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "RANK")  # how each launcher tells a process its rank
 
 
 def horovod_importable() -> bool:
@@ -73,21 +76,20 @@ def command(launcher: str, ranks: int, argv: list[str]) -> tuple[list[str], dict
     raise ValueError(launcher)
 
 
+def start(launcher: str, ranks: int, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `argv` under `launcher` on `ranks` processes, in a session of its own, with its output piped."""
+    require(launcher)
+    cmd, launcher_env = command(launcher, ranks, argv)
+    return subprocess.Popen(cmd, cwd=REPO, env=_environment({**launcher_env, **(env or {})}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
 def launch(
     launcher: str, ranks: int, argv: list[str], env: dict[str, str] | None = None, timeout: float = 240.0
 ) -> subprocess.CompletedProcess:
     """Run `argv` under `launcher` on `ranks` processes; a job that outlives `timeout` is killed and fails the test."""
-    require(launcher)
-    cmd, launcher_env = command(launcher, ranks, argv)
-    process = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=_environment({**launcher_env, **(env or {})}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = start(launcher, ranks, argv, env)
+    cmd = process.args
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -99,3 +101,25 @@ def launch(
 
 def worker(name: str) -> str:
     return str(WORKERS / name)
+
+
+def rank_process(launcher_pid: int, rank: int) -> psutil.Process | None:
+    """The training process of `rank` among the launcher's descendants, found by its launcher's variables."""
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            environ, cmdline = child.environ(), " ".join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "partial_fc" in cmdline and any(environ.get(name) == str(rank) for name in RANK_VARIABLES):
+            return child
+    return None
+
+
+def wait_for_step(output: Path, step: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = output / "metrics.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the job did not reach step {step} (exit status {process.poll()})")

@@ -269,6 +269,7 @@ BAD_VALUES = [
     ("storage_dtype", "float64"),
     ("amp_dtype", "float32"),
     ("clip_grad_norm", "-1"),
+    ("stall_timeout", "-5"),
     ("max_nonfinite_steps", "0"),
     ("keep_checkpoints", "0"),
     ("checkpoint_every", "-1"),

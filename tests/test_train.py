@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,35 @@ def test_a_loss_scaler_changes_no_step(faceset, tmp_path):
     for name in names:
         plain, scaled = checkpoint_tensors(saved["unscaled"] / name), checkpoint_tensors(saved["scaled"] / name)
         assert all(torch.equal(scaled[key], value) for key, value in plain.items()), name
+
+
+def test_resume_names_the_changed_keys_and_refuses_a_plan_already_done(faceset, tmp_path, capsys):
+    status, out, err = call(capsys, "train", *settings(faceset, tmp_path))
+    assert status == 0, err
+    status, out, err = call(capsys, "train", *settings(faceset, tmp_path, num_epoch=2, lr=0.02), "--resume")
+    assert status == 0, err
+    changes = "config changed since the checkpoint: lr: 0.05 -> 0.02; num_epoch: 1 -> 2; the learning rate of step 21"
+    assert changes in out
+    assert summary(out)["steps"] == 40  # 20 steps per epoch on one rank
+    status, out, err = call(capsys, "train", *settings(faceset, tmp_path, num_epoch=2, lr=0.02), "--resume")
+    assert_one_error(status, err, "step_00000040", "is at step 40", "ends at step 40", "raise num_epoch")
+    assert sorted(losses(tmp_path)) == list(range(1, 41))  # nothing trained, nothing logged
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun-gloo"])
+def test_ranks_started_with_different_configs_all_fail_naming_the_keys(faceset, tmp_path, launcher):
+    """Rank-dependent settings (here from each rank's own variables) are caught before training."""
+    script = tmp_path / "rank_dependent.sh"
+    script.write_text('rank="${OMPI_COMM_WORLD_RANK:-${HOROVOD_RANK:-0}}"\n'
+                      'export PFC_LR=0.0$((1 + rank)) PFC_WEIGHT_DECAY=0.00$((1 + rank))\n'
+                      'exec "$@"\n')
+    job = launch(launcher, 2, ["-c", "import os, sys; os.execvp('bash', ['bash', *sys.argv[1:]])", str(script),
+                               sys.executable, *train_argv(faceset, tmp_path / "out")], timeout=180)
+    errors = [line for line in job.stderr.splitlines() if "partial-fc: error:" in line]
+    assert job.returncode != 0 and len(errors) == 2, job.stderr
+    assert all("different configs" in line and "rank 1: lr: 0.01 -> 0.02, weight_decay: 0.001 -> 0.002" in line
+               for line in errors), errors
+    assert "training r10_nano" not in job.stdout
 
 
 @pytest.mark.parametrize("case", ["typo", "missing_data", "too_few_classes", "bad_value"])

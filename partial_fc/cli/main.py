@@ -10,6 +10,7 @@ from partial_fc.cli import bench, demo, im2rec, make_synthetic, rebuild_idx, tra
 from partial_fc.cli import embed as embed_cli, eval as eval_cli, export as export_cli
 from partial_fc.cli.common import fail
 from partial_fc.comm import close_communicator, exit_process
+from partial_fc.engine.preemption import TrainingPreempted
 from partial_fc.errors import PartialFCError
 
 SUBCOMMANDS = {
@@ -46,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module, _ = SUBCOMMANDS[args.command]
     try:
         status = module.run(args)
+    except TrainingPreempted as stop:  # rank 0 has said how to resume
+        status = stop.exit_status
     except PartialFCError as error:
         status = fail(str(error))
     # Reached by every rank alike (input errors are raised collectively); other failures skip it.

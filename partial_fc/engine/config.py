@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
 import json
 import logging
 import math
@@ -18,9 +19,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
 from easydict import EasyDict
 
-from partial_fc.comm import BACKENDS
+from partial_fc.comm import BACKENDS, Communicator
 from partial_fc.errors import InputError, MissingInputError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -73,6 +75,7 @@ DEFAULTS: dict[str, Any] = {
     "sync_bn": False,  # BatchNorm statistics over every rank's batch (a step then equals one process exactly)
     "clip_grad_norm": 5.0,  # backbone gradient-norm clip (arcface_torch hard-codes 5); 0 disables
     "max_nonfinite_steps": 5,  # stop after this many non-finite losses/gradients in a row
+    "stall_timeout": 60.0,  # seconds without a finished step after which the job ends, naming the stalled rank
     "keep_checkpoints": 3,  # checkpoints kept in `output`; older ones are deleted
     "checkpoint_every": 0,  # save every this many steps; 0 = at each epoch end
     "perf_steps": 0,  # time this many steps and report throughput, then stop; 0 = off
@@ -329,6 +332,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_workers": (lambda v: v >= 0, ">= 0"),
     "seed": (lambda v: v >= 0, ">= 0"),
     "clip_grad_norm": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
+    "stall_timeout": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
     "checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = each epoch end)"),
     "perf_steps": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "lr_power": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
@@ -429,6 +433,29 @@ def config_to_dict(config: Mapping[str, Any], redact: bool = True) -> dict[str, 
         for key in SECRET_KEYS & data.keys():
             data[key] = "<redacted>"
     return data
+
+
+def changed_keys(before: Mapping[str, Any], after: Mapping[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+    """`key: old -> new` for every key whose JSON value differs between two config dicts."""
+    return [f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
+            for key in sorted(set(before) | set(after)) if key not in ignore and before.get(key) != after.get(key)]
+
+
+def agree_on_config(config: Mapping[str, Any], comm: Communicator) -> None:
+    """Raise the same InputError on every rank unless every rank runs the same config (a collective).
+
+    One all-gather of each rank's config digest; only when they differ do the ranks exchange whole configs, so
+    that the error can list the keys that differ."""
+    data = config_to_dict(config)
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).digest()
+    mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)], dtype=torch.int64, device=comm.device)
+    every = comm.all_gather(mine, sizes=[1] * comm.world_size).tolist()
+    if len(set(every)) == 1:
+        return
+    configs = [comm.broadcast_object(data, root=rank) for rank in range(comm.world_size)]
+    differing = [f"rank {rank}: " + ", ".join(changed_keys(configs[0], other))
+                 for rank, other in enumerate(configs) if other != configs[0]]
+    raise InputError("the ranks were started with different configs (against rank 0's): " + "; ".join(differing))
 
 
 def format_config(config: Mapping[str, Any]) -> str:

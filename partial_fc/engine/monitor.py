@@ -33,6 +33,7 @@ class PhaseTimer:
         self.enabled, self.device = enabled, device
         self.seconds: dict[str, float] = defaultdict(float)
         self._nested: list[float] = []  # per open phase: seconds spent in phases opened inside it
+        self._open: list[str] = []  # names of the open phases, innermost last
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -40,21 +41,31 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time the block as ``name`` (synchronising the device before and after)."""
-        if not self.enabled:
-            yield
-            return
-        self._sync()
-        start = time.perf_counter()
-        self._nested.append(0.0)
+        """Time the block as ``name`` (synchronising the device before and after); the name is kept as
+        ``current`` even when timing is off (the stall watchdog reports it)."""
+        self._open.append(name)
         try:
-            yield
-        finally:
+            if not self.enabled:
+                yield
+                return
             self._sync()
-            elapsed = time.perf_counter() - start
-            self.seconds[name] += elapsed - self._nested.pop()
-            if self._nested:
-                self._nested[-1] += elapsed
+            start = time.perf_counter()
+            self._nested.append(0.0)
+            try:
+                yield
+            finally:
+                self._sync()
+                elapsed = time.perf_counter() - start
+                self.seconds[name] += elapsed - self._nested.pop()
+                if self._nested:
+                    self._nested[-1] += elapsed
+        finally:
+            self._open.pop()
+
+    @property
+    def current(self) -> str:
+        """The innermost open phase, or "between phases"."""
+        return self._open[-1] if self._open else "between phases"
 
     def shares(self) -> dict[str, float]:
         """Each phase's share of the timed total."""

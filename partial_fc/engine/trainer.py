@@ -35,11 +35,13 @@ from partial_fc.data.datasets import ImageFolderDataset, RandomFaceDataset, Reco
 from partial_fc.data.loader import build_loader, device_batch
 from partial_fc.data.sampler import DistributedEpochSampler
 from partial_fc.engine.checkpoint import find_latest, load_backbone_state, load_checkpoint, save_checkpoint
-from partial_fc.engine.config import config_to_dict
+from partial_fc.engine.config import agree_on_config, changed_keys, config_to_dict
 from partial_fc.engine.distributed import distribute_backbone
 from partial_fc.engine.monitor import PhaseTimer, TrainMonitor
+from partial_fc.engine.preemption import StopSignals, TrainingPreempted
 from partial_fc.engine.schedule import PolyWarmupSchedule
 from partial_fc.engine.validation import Verifier, load_verification_sets
+from partial_fc.engine.watchdog import StepWatchdog
 from partial_fc.errors import InputError, MissingInputError, PartialFCError
 from partial_fc.heads import CombinedMargin, NonFiniteEmbeddings, PartialFC, SparseAdamW, SparseSGD
 
@@ -66,6 +68,7 @@ class TrainResult:
     seconds: float = 0.0
     samples_per_second: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    stopped_by: str | None = None  # the signal that stopped the run early, after a checkpoint
 
 
 def build_dataset(cfg: EasyDict) -> Any:
@@ -153,6 +156,7 @@ class Trainer:
     """One run: builds the parts from a validated config, then `fit()` trains (and evaluates, checkpoints)."""
 
     def __init__(self, cfg: EasyDict, comm: Communicator):
+        agree_on_config(cfg, comm)
         self.cfg, self.device = cfg, comm.device
         self.output = Path(cfg.output)
         self.perf_steps = int(cfg.perf_steps)
@@ -192,6 +196,9 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
         self.monitor = TrainMonitor(comm.rank, comm.world_size, self.total_steps, cfg.frequent, self.output,
                                     resuming=bool(cfg.resume))
+        self.stop_signals = StopSignals(comm.rank)
+        self.watchdog = StepWatchdog(comm.rank, comm.world_size, self.output / "heartbeat", cfg.stall_timeout,
+                                     locate=lambda: self.timer.current)
 
     # ------------------------------------------------------------------------------------------------ state
     @property
@@ -207,18 +214,26 @@ class Trainer:
                                 backbone_optimizer=self.backbone_optimizer, head=self.head,
                                 head_optimizer=self.head_optimizer, scheduler=self.schedule,
                                 sampler=self.sampler, scaler=self.scaler)
+        if state.step >= self.total_steps:
+            raise InputError(f"{state.path} is at step {state.step}, and this plan ends at step {self.total_steps} "
+                             f"(num_epoch={self.cfg.num_epoch}): nothing is left to train; raise num_epoch to go on")
         self.step = state.step
         self.monitor.print(f"resumed from {state.path} at step {state.step}, epoch {state.epoch}"
                            + (f" (saved on {state.saved_world_size} ranks, re-sharded)" if state.resharded else "")
                            + "".join(f"; {note}" for note in state.notes))
+        changes = changed_keys(state.config, config_to_dict(self.cfg), ignore=("resume",))
+        if changes:
+            self.monitor.print(f"config changed since the checkpoint: {'; '.join(changes)}; the learning rate of "
+                               f"step {state.step + 1} is now {self.schedule.lr_at(state.step):.6g}")
 
     def save(self) -> Path:
         """A checkpoint of everything needed to continue exactly (a collective)."""
-        return save_checkpoint(self.checkpoint_root, comm=self.comm, step=self.step, epoch=self.sampler.epoch,
-                               backbone=self.backbone, backbone_optimizer=self.backbone_optimizer, head=self.head,
-                               head_optimizer=self.head_optimizer, scheduler=self.schedule, sampler=self.sampler,
-                               scaler=self.scaler, config=config_to_dict(self.cfg),
-                               keep=self.cfg.keep_checkpoints)
+        with self.watchdog.slow("checkpoint"):
+            return save_checkpoint(self.checkpoint_root, comm=self.comm, step=self.step, epoch=self.sampler.epoch,
+                                   backbone=self.backbone, backbone_optimizer=self.backbone_optimizer,
+                                   head=self.head, head_optimizer=self.head_optimizer, scheduler=self.schedule,
+                                   sampler=self.sampler, scaler=self.scaler, config=config_to_dict(self.cfg),
+                                   keep=self.cfg.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------------- step
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -291,14 +306,33 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------- fit
     def _evaluate(self) -> dict[str, float]:
-        results = self.verifier(self.raw_backbone)
+        with self.watchdog.slow("evaluation"):
+            results = self.verifier(self.raw_backbone)
         for name, result in results.items():
             self.monitor.print(f"step {self.step} | {name}: {result.summary()} | best {self.verifier.best[name]:.5f}")
             self.monitor.scalars(self.step, **{f"verification/{name}": result.accuracy})
         return {name: result.accuracy for name, result in results.items()}
 
     def fit(self) -> TrainResult:
-        """Train to the end of ``num_epoch`` (or ``perf_steps``), evaluating every ``verbose`` steps."""
+        """Train to the end of ``num_epoch`` (or ``perf_steps``), evaluating every ``verbose`` steps.
+
+        SIGTERM or SIGINT on any rank stops every rank after the same step, with a checkpoint, and raises
+        ``TrainingPreempted``."""
+        self.stop_signals.install()
+        self.watchdog.start()
+        try:
+            result = self._fit()
+        finally:
+            self.watchdog.stop()
+            self.stop_signals.uninstall()
+        if result.stopped_by and self.step < self.total_steps:
+            where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
+            self.monitor.print(f"stopped by {result.stopped_by} after step {self.step} of {self.total_steps}{where}; "
+                               "continue with the same command and --resume (RESUME=1 for run.sh and config.sh)")
+            raise TrainingPreempted(f"stopped by {result.stopped_by} after step {self.step}")
+        return result
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
         self.monitor.print(f"training {cfg.network} on {len(self.dataset)} images, {cfg.num_classes} classes, "
                            f"{self.comm.world_size} ranks x batch {cfg.batch_size}: {self.total_steps} steps "
@@ -310,7 +344,7 @@ class Trainer:
         profiler = self._profiler()
         start = time.perf_counter()
         perf = _PerfWindow(self.step, self.perf_steps) if self.perf_steps else None
-        while self.step < self.total_steps and not (perf and perf.finished(self.step)):
+        while self.step < self.total_steps and not (perf and perf.finished(self.step)) and not result.stopped_by:
             self._epoch(result, profiler, perf)
         if profiler is not None:
             profiler.__exit__(None, None, None)
@@ -360,6 +394,7 @@ class Trainer:
                 continue
             self.nonfinite_in_a_row = 0
             self.step += 1
+            self.watchdog.progress(self.step)
             self.schedule.step()
             result.loss, loss_sum = loss_sum / cfg.gradient_acc, 0.0
             self.monitor.step(self.step, self.sampler.epoch, result.loss, self.schedule.lr_at(self.step - 1),
@@ -367,6 +402,9 @@ class Trainer:
                               None if self.scaler is None else float(self.scaler.get_scale()))
             if profiler is not None:
                 profiler.step()
+            result.stopped_by = self.stop_signals.agreed(self.comm)
+            if result.stopped_by:
+                return
             if perf is not None:
                 perf.after_step(self.step, self.timer)
                 if perf.finished(self.step):
