@@ -24,8 +24,9 @@ def _channel_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(1, -1, *([1] * (like.dim() - 2)))
 
 
-def global_moments(x: torch.Tensor, comm: Communicator) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel mean and biased variance of the batch gathered over every rank, and its size."""
+def global_moments(x: torch.Tensor, comm: Communicator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of the batch gathered over every rank, and its size per channel (a
+    tensor, so that no layer waits on the device)."""
     dims = [0, *range(2, x.dim())]
     count = x.numel() // x.shape[1]
     mean = x.mean(dim=dims)
@@ -36,31 +37,31 @@ def global_moments(x: torch.Tensor, comm: Communicator) -> tuple[torch.Tensor, t
     total = counts.sum(dim=0)
     global_mean = (counts * means).sum(dim=0) / total
     spread = (sums + counts * (means - global_mean).square()).sum(dim=0)
-    return global_mean, spread / total, int(total[0].item())
+    return global_mean, spread / total, total
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     """y = (x - mean) * invstd * weight + bias with global statistics; backward sums over every rank."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, comm: Communicator, total: int):
+    def forward(ctx, x, weight, bias, mean, invstd, comm: Communicator, total: torch.Tensor):
         normalised = (x - _channel_view(mean, x)) * _channel_view(invstd, x)
-        ctx.save_for_backward(normalised, weight, invstd)
-        ctx.comm, ctx.total = comm, total
+        ctx.save_for_backward(normalised, weight, invstd, total)
+        ctx.comm = comm
         if weight is None:
             return normalised.clone()
         return normalised * _channel_view(weight, x) + _channel_view(bias, x)
 
     @staticmethod
     def backward(ctx, grad):
-        normalised, weight, invstd = ctx.saved_tensors
+        normalised, weight, invstd, total = ctx.saved_tensors
         dims = [0, *range(2, grad.dim())]
         sums = torch.stack([grad.sum(dim=dims), (grad * normalised).sum(dim=dims)])
         grad_weight = sums[1].clone() if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sums[0].clone() if weight is not None and ctx.needs_input_grad[2] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            means = ctx.comm.all_reduce(sums, ReduceOp.SUM) / ctx.total
+            means = ctx.comm.all_reduce(sums, ReduceOp.SUM) / total
             scale = invstd if weight is None else invstd * weight
             grad_x = (grad - _channel_view(means[0], grad) - normalised * _channel_view(means[1], grad))
             grad_x = grad_x * _channel_view(scale, grad)
@@ -87,8 +88,6 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(x)
         work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in float32 under AMP
         mean, var, total = global_moments(work.detach(), self.comm)
-        if total <= 1:
-            raise ValueError(f"SyncBatchNorm needs more than 1 value per channel over all ranks, got {total}")
         if self.training and self.track_running_stats:
             self._update_running_stats(mean, var, total)
         invstd = (var + self.eps).rsqrt()
@@ -97,12 +96,14 @@ class SyncBatchNorm(_BatchNorm):
         return _SyncBatchNormFunction.apply(work, weight, bias, mean, invstd, self.comm, total).to(x.dtype)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, total: int) -> None:
-        """As BatchNorm does: momentum (or a cumulative average when it is None), the variance unbiased."""
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, total: torch.Tensor) -> None:
+        """As BatchNorm does: momentum (or a cumulative average when it is None), the variance unbiased (a global
+        batch of one value per channel, which BatchNorm refuses, leaves it biased)."""
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-        self.running_var.lerp_((var * total / (total - 1)).to(self.running_var.dtype), momentum)
+        unbiased = var * total / (total - 1).clamp_min(1)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
 
 def convert_sync_batchnorm(module: nn.Module, comm: Communicator) -> nn.Module:
