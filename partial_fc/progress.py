@@ -7,6 +7,12 @@ import time
 from typing import TextIO
 
 
+def print_line(text: str, stream: TextIO = sys.stderr) -> None:
+    """Write `text` and its newline in one write, so launchers that tag output per chunk keep it one line."""
+    stream.write(text + "\n")
+    stream.flush()
+
+
 class Progress:
     """`update(n)` as work is done; redraws at most every `interval` seconds; `close()` prints the last state."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 import torch
@@ -12,6 +11,7 @@ import torch
 from partial_fc.comm import BACKENDS, Communicator
 from partial_fc.errors import InputError
 from partial_fc.heads import ArcFace, CombinedMargin, CosFace, PartialFC
+from partial_fc.progress import print_line
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -70,5 +70,5 @@ def print_rank0(comm: Communicator, message: Any) -> None:
 
 def fail(message: str) -> int:
     """Report a bad-input error on stderr and return the exit status for it."""
-    print(f"partial-fc: error: {message}", file=sys.stderr, flush=True)
+    print_line(f"partial-fc: error: {message}")
     return 2

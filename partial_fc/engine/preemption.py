@@ -9,7 +9,6 @@ one in place.
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from partial_fc.comm import Communicator, ReduceOp
 from partial_fc.errors import PartialFCError
+from partial_fc.progress import print_line
 
 PREEMPTED_STATUS = 75  # sysexits' EX_TEMPFAIL: try again later (here: resume)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -53,8 +53,8 @@ class StopSignals:
     def _request(self, number: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = number
-            print(f"rank {self.rank}: {signal.Signals(number).name} received, stopping after this step "
-                  "with a checkpoint", file=sys.stderr, flush=True)
+            print_line(f"rank {self.rank}: {signal.Signals(number).name} received, stopping after this step "
+                       "with a checkpoint")
 
     def agreed(self, comm: Communicator) -> str | None:
         """The name of the signal some rank received, the same on every rank (a collective), or None."""

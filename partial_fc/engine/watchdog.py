@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from partial_fc.progress import print_line
 
 STALLED_STATUS = 76
 SLOW_PHASE_FACTOR = 10
@@ -119,7 +120,7 @@ class StepWatchdog:
         else:
             culprits = self.stalled_ranks()
             blame = ("stalled: " + ", ".join(culprits)) if culprits else "every rank is where this one is"
-        print(f"partial-fc: error: rank {self.rank}: no progress for {waited:.0f} s after step {self.step} "
+        print_line(f"partial-fc: error: rank {self.rank}: no progress for {waited:.0f} s after step {self.step} "
               f"(in {self.current_phase}/{self.locate()}; stall_timeout={self.timeout_s:g}); {blame}; "
-              "ending the job", file=sys.stderr, flush=True)
+                   "ending the job")
         os._exit(STALLED_STATUS)
