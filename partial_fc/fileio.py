@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from typing import Iterator
@@ -20,6 +21,19 @@ def fsync_path(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def os_error_cause(error: BaseException) -> str:
+    """The operating system's reason in `error` or in the errors it arose from, as "No space left on device
+    (ENOSPC)"; torch wraps a failed write in a RuntimeError ("enforce fail at inline_container.cc")."""
+    seen: BaseException | None = error
+    for _ in range(16):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno:
+            return f"{os.strerror(seen.errno)} ({errno.errorcode.get(seen.errno, seen.errno)})"
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(error).__name__}: {error}"
 
 
 @contextlib.contextmanager

@@ -7,8 +7,10 @@ import time
 from typing import TextIO
 
 
-def print_line(text: str, stream: TextIO = sys.stderr) -> None:
-    """Write `text` and its newline in one write, so launchers that tag output per chunk keep it one line."""
+def print_line(text: str, stream: TextIO | None = None) -> None:
+    """Write `text` and its newline in one write (to stderr by default, as it is now), so launchers that tag output
+    per chunk keep it one line."""
+    stream = sys.stderr if stream is None else stream
     stream.write(text + "\n")
     stream.flush()
 

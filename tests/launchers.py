@@ -76,19 +76,22 @@ def command(launcher: str, ranks: int, argv: list[str]) -> tuple[list[str], dict
     raise ValueError(launcher)
 
 
-def start(launcher: str, ranks: int, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `argv` under `launcher` on `ranks` processes, in a session of its own, with its output piped."""
+def start(launcher: str, ranks: int, argv: list[str], env: dict[str, str] | None = None,
+          prefix: list[str] | None = None) -> subprocess.Popen:
+    """Start `argv` under `launcher` on `ranks` processes, in a session of its own, with its output piped; `prefix`
+    (e.g. a mount namespace's set-up) runs the launcher."""
     require(launcher)
     cmd, launcher_env = command(launcher, ranks, argv)
-    return subprocess.Popen(cmd, cwd=REPO, env=_environment({**launcher_env, **(env or {})}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen([*(prefix or []), *cmd], cwd=REPO, env=_environment({**launcher_env, **(env or {})}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def launch(
-    launcher: str, ranks: int, argv: list[str], env: dict[str, str] | None = None, timeout: float = 240.0
+    launcher: str, ranks: int, argv: list[str], env: dict[str, str] | None = None, timeout: float = 240.0,
+    prefix: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `argv` under `launcher` on `ranks` processes; a job that outlives `timeout` is killed and fails the test."""
-    process = start(launcher, ranks, argv, env)
+    process = start(launcher, ranks, argv, env, prefix)
     cmd = process.args
     try:
         stdout, stderr = process.communicate(timeout=timeout)

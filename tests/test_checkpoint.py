@@ -1,9 +1,17 @@
 """Checkpoints: exact round trip, resharding across world sizes on real launchers, crash safety, bad files."""
 
+import dataclasses
 import json
+import os
+import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -13,12 +21,15 @@ from partial_fc.comm import SingleProcessCommunicator
 from partial_fc.engine import checkpoint as ckpt
 from partial_fc.engine.checkpoint import (
     TrainingState,
+    clean_leftovers,
     find_latest,
     load_backbone_state,
     load_checkpoint,
     save_checkpoint,
 )
+from partial_fc.engine.run_lock import STALE_AFTER_S, OutputFolderError, Owner, RunLock, read_owner, write_owner
 from partial_fc.errors import InputError, MissingInputError
+from tests import mounts
 from tests.launchers import launch, worker
 from tests.workers.checkpoint_job import CLASSES, build, train_step
 
@@ -369,5 +380,229 @@ def test_truncated_shard_fails_every_rank_with_the_same_error(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert [(out / f"rank{rank}.exit").read_text() for rank in range(3)] == ["2"] * 3, output
-    assert output.count(f"partial-fc: error: checkpoint file {shard} has") == 3, output
+    assert output.count(f"partial-fc: error: no valid checkpoint in {root}: checkpoint file {shard} has") == 3, output
 
+
+
+# ------------------------------------------------------------------------------------ faults: corruption, kills
+
+
+@pytest.mark.parametrize("case", ["truncated_shard", "flipped_byte", "corrupt_json"])
+def test_a_corrupt_newest_checkpoint_is_reported_and_the_newest_valid_one_is_loaded(tmp_path, case):
+    setup = trained(1)
+    save(tmp_path, setup, step=1)
+    expected = snapshot(setup)
+    train_step(setup)
+    named = corrupt(save(tmp_path, setup, step=2), case)
+    fresh = build(COMM, seed=4)
+    state = load_checkpoint(tmp_path, **fresh.parts())
+    assert (state.step, state.path) == (1, tmp_path / "step_00000001")
+    assert len(state.skipped) == 1 and named in state.skipped[0], state.skipped
+    assert_same(snapshot(fresh), expected)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=re.escape(named)):  # named explicitly: no fallback
+        load_checkpoint(tmp_path / "step_00000002", **build(COMM).parts())
+    corrupt(tmp_path / "step_00000001", "flipped_byte")
+    with pytest.raises(ckpt.CorruptCheckpointError, match=f"no valid checkpoint in {re.escape(str(tmp_path))}"):
+        load_checkpoint(tmp_path, **build(COMM).parts())
+
+
+def test_the_newest_checkpoint_is_the_last_saved_not_the_highest_step(tmp_path):
+    """Resuming deliberately from an older checkpoint into the same root starts a line that wins from then on."""
+    setup = trained(1)
+    for step in (2, 4):
+        save(tmp_path, setup, step=step)
+    load_checkpoint(tmp_path / "step_00000002", **setup.parts())
+    save(tmp_path, setup, step=3)
+    assert find_latest(tmp_path) == tmp_path / "step_00000003"  # not the abandoned step 4
+    assert load_checkpoint(tmp_path, **build(COMM).parts()).step == 3
+    save(tmp_path, setup, step=4, keep=2)  # the new line's step 4 replaces the old one; pruning goes by save order
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003", "step_00000004"]
+    assert json.loads((tmp_path / "step_00000004" / "manifest.json").read_text())["sequence"] == 4
+
+
+KILLED = {"writing": 1, "manifest_written": 1, "renamed": 2, "latest_written": 2, "replacing": 2}
+
+
+def test_a_kill_at_any_moment_of_a_save_leaves_the_newest_complete_checkpoint_to_resume(tmp_path):
+    """A real SIGKILL of the saving process at each moment of a save (see tests/workers/checkpoint_faults.py)."""
+    done = subprocess.run([sys.executable, worker("checkpoint_faults.py"), "kill", str(tmp_path), *KILLED],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "killed.json").read_text()) == dict.fromkeys(KILLED, 9)  # each died by SIGKILL
+    for point, newest in KILLED.items():
+        root = tmp_path / point
+        assert all((path / "manifest.json").is_file() for path in root.glob("step_*")), point  # none half-written
+        if point == "renamed":
+            assert (root / "latest").read_text().strip() == "step_00000001"  # the hint lags; resume does not
+        tidied = clean_leftovers(root)  # what the next run (or save) does first
+        assert not list(root.glob(".*")), (point, tidied)
+        assert find_latest(root) == root / f"step_{newest:08d}", (point, tidied)
+        assert load_checkpoint(root, **build(COMM).parts()).step == newest, point
+
+
+def test_failed_saves_on_a_full_then_read_only_disk_remove_their_partial_and_keep_the_previous(tmp_path):
+    """A real tmpfs in a private mount namespace: filled up (ENOSPC), then remounted read-only (EROFS)."""
+    root, report = tmp_path / "disk", tmp_path / "report.json"
+    done = subprocess.run([*mounts.full_disk(root, 512, tmp_path / "kept"), sys.executable,
+                           worker("checkpoint_faults.py"), "disk", str(root), "--report", str(report)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(report.read_text())
+    assert outcome["step_1"] == "saved"
+    for step, cause in ((2, r"\.partial/[\w.-]+\.pt: No space left on device \(ENOSPC\)"),
+                        (3, r"\.partial: Read-only file system \(EROFS\)")):
+        assert re.search(rf"checkpoint {root}/step_0000000{step} was not saved: cannot write {root}/"
+                         rf"\.step_0000000{step}{cause}", outcome[f"step_{step}"]), outcome
+        assert f"the newest checkpoint, {root}/step_00000001, is intact" in outcome[f"step_{step}"]
+    assert "the unfinished .step_00000002.partial was removed" in outcome["step_2"]
+    assert outcome["after_step_2"] == ["ballast", "latest", "step_00000001"]
+    assert outcome["after_step_3"] == ["latest", "step_00000001"] and outcome["latest"] == "step_00000001"
+    kept = tmp_path / "kept"
+    assert load_checkpoint(kept, **build(COMM).parts()).step == 1  # intact and loadable
+
+
+# ---------------------------------------------------------------------------------- run lock and leftovers
+
+
+def a_live_process() -> subprocess.Popen:
+    return subprocess.Popen(["sleep", "60"])
+
+
+def a_dead_owner() -> Owner:
+    process = a_live_process()
+    owner = Owner.of_process(process.pid)
+    process.kill()
+    process.wait()
+    return owner
+
+
+def place_lock(folder: Path, owner: Owner, age: float = 0.0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "run.lock"
+    write_owner(path, owner)
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def test_a_held_run_lock_refuses_naming_the_folder_and_its_owner(tmp_path):
+    lock = RunLock.acquire(tmp_path)
+    with pytest.raises(OutputFolderError) as refused:
+        RunLock.acquire(tmp_path)
+    assert f"output folder {tmp_path} is in use by another run (host {socket.gethostname()}, pid {os.getpid()}, " \
+           "started 20" in str(refused.value) and f"delete {tmp_path / 'run.lock'}" in str(refused.value)
+    lock.release()
+    assert not (tmp_path / "run.lock").exists()
+    process = a_live_process()  # another live process on this host
+    try:
+        place_lock(tmp_path, Owner.of_process(process.pid), age=10 * STALE_AFTER_S)  # judged by its pid here
+        with pytest.raises(OutputFolderError, match=f"pid {process.pid}"):
+            RunLock.acquire(tmp_path)
+    finally:
+        process.kill()
+        process.wait()
+    taken = RunLock.acquire(tmp_path)  # now its owner is dead: taken over at once
+    assert taken.took_over is not None and taken.took_over.pid == process.pid
+    assert read_owner(tmp_path / "run.lock")[0] == taken.owner
+    taken.release()
+
+
+def test_a_run_lock_is_stale_when_its_owner_is_dead_rebooted_or_silent_elsewhere(tmp_path):
+    me = Owner.this_process()
+    cases = {
+        "dead": (a_dead_owner(), 0.0, True),
+        "rebooted": (dataclasses.replace(me, boot_id="another-boot"), 0.0, True),
+        "other host, fresh heartbeat": (dataclasses.replace(me, host="elsewhere"), 0.0, False),
+        "other host, silent": (dataclasses.replace(me, host="elsewhere"), STALE_AFTER_S + 60, True),
+    }
+    for name, (owner, age, stale) in cases.items():
+        folder = tmp_path / name.replace(" ", "_").replace(",", "")
+        place_lock(folder, owner, age)
+        if not stale:
+            with pytest.raises(OutputFolderError, match=f"host elsewhere, pid {os.getpid()}"):
+                RunLock.acquire(folder)
+            continue
+        lock = RunLock.acquire(folder)
+        assert lock.took_over == owner, name
+        lock.release()
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "run.lock").write_text("")
+    with pytest.raises(OutputFolderError, match="does not say by whom"):
+        RunLock.acquire(tmp_path / "unreadable")
+
+
+def test_a_restart_of_the_same_job_takes_over_its_earlier_attempts_lock_on_any_host(tmp_path, monkeypatch):
+    """run.sh and torchrun end every rank before a restart, so the earlier attempt's lock is over, even when its
+    rank 0 ran on a host that is gone; another job's lock, or a later attempt's, still refuses."""
+    monkeypatch.setenv("PARTIAL_FC_JOB_ID", "job-7")
+    monkeypatch.setenv("PARTIAL_FC_ATTEMPT", "1")
+    first = dataclasses.replace(Owner.this_process(), host="lost-host", job="job-7", attempt=0)
+    place_lock(tmp_path / "restart", first, age=0.0)
+    lock = RunLock.acquire(tmp_path / "restart")
+    assert lock.took_over == first
+    lock.release()
+    for name, owner in {"other job": dataclasses.replace(first, job="job-8"),
+                        "later attempt": dataclasses.replace(first, attempt=2)}.items():
+        place_lock(tmp_path / name.replace(" ", "_"), owner, age=0.0)
+        with pytest.raises(OutputFolderError, match="host lost-host"):
+            RunLock.acquire(tmp_path / name.replace(" ", "_"))
+    monkeypatch.delenv("PARTIAL_FC_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default id names no job
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    place_lock(tmp_path / "torchrun", dataclasses.replace(first, job="none"), age=0.0)
+    with pytest.raises(OutputFolderError, match="host lost-host"):
+        RunLock.acquire(tmp_path / "torchrun")
+
+
+def test_the_heartbeat_keeps_the_lock_fresh_until_it_is_lost(tmp_path, capsys):
+    lock = RunLock.acquire(tmp_path)
+    path = tmp_path / "run.lock"
+    os.utime(path, (0, 0))
+    lock.start_heartbeat(interval=0.05)
+    deadline = time.monotonic() + 10
+    while path.stat().st_mtime == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert time.time() - path.stat().st_mtime < 60
+    path.unlink()  # deleted by hand
+    place_lock(tmp_path, dataclasses.replace(Owner.this_process(), host="elsewhere"))
+    lock._thread.join(timeout=10)
+    assert "is no longer this run's" in capsys.readouterr().err
+    lock.release()
+    assert read_owner(path)[0].host == "elsewhere"  # another run's lock is never deleted
+
+
+def partial_owned_by(root: Path, step: int, owner: Optional[Owner]) -> Path:
+    partial = root / f".step_{step:08d}.partial"
+    partial.mkdir(parents=True)
+    (partial / "backbone.pt").write_bytes(b"half")
+    if owner is not None:
+        write_owner(partial / ".owner", owner)
+    return partial
+
+
+def test_only_dead_owners_leftovers_are_cleaned_and_a_live_owners_save_is_left_alone(tmp_path):
+    setup = trained(1)
+    save(tmp_path, setup, step=1)
+    save(tmp_path, setup, step=2)
+    process = a_live_process()
+    try:
+        live = partial_owned_by(tmp_path, 5, Owner.of_process(process.pid))
+        dead = partial_owned_by(tmp_path, 6, a_dead_owner())
+        ownerless = partial_owned_by(tmp_path, 7, None)
+        (tmp_path / ".latest.abc.tmp").write_text("step_00000007")
+        os.rename(tmp_path / "step_00000002", tmp_path / ".step_00000002.old")  # a replacement cut off
+        shutil.copytree(tmp_path / "step_00000001", tmp_path / ".step_00000001.old")  # a replacement finished
+        tidied = clean_leftovers(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "latest", "step_00000001", "step_00000002"]
+        assert tidied == [f"removed {tmp_path / '.step_00000001.old'}, left by an interrupted save",
+                          f"put back {tmp_path / 'step_00000002'}, whose replacement was interrupted",
+                          f"removed {dead}, left by an interrupted save",
+                          f"removed {ownerless}, left by an interrupted save"]
+        with pytest.raises(ckpt.CheckpointSaveError, match=f"being written by another save .host "
+                                                            f"{socket.gethostname()}, pid {process.pid}"):
+            save(tmp_path, setup, step=5)
+        assert (live / "backbone.pt").read_bytes() == b"half"  # the live owner's save is untouched
+    finally:
+        process.kill()
+        process.wait()
+    save(tmp_path, setup, step=5)  # its owner is gone now
+    assert find_latest(tmp_path) == tmp_path / "step_00000005" and not list(tmp_path.glob(".*"))

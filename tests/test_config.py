@@ -159,6 +159,8 @@ def test_environment_defaults_to_os_environ(monkeypatch):
         ("fp16=true", "fp16", True),
         ("fp16=No", "fp16", False),
         ("resume=1", "resume", True),
+        ("resume=auto", "resume", "auto"),
+        ("resume=Auto", "resume", "auto"),
         ("channels_last=yes", "channels_last", True),
         ("batch_size=256", "batch_size", 256),
         ("lr=1e-3", "lr", 0.001),
@@ -237,6 +239,7 @@ def test_set_without_equals_is_rejected():
 
 
 BAD_VALUES = [
+    ("on_save_error", "retry"),
     ("margin_list", "1.0,0.5"),
     ("margin_list", "0.0,0.5,0.0"),
     ("margin_list", "1.0,nan,0.0"),
@@ -271,6 +274,7 @@ BAD_VALUES = [
     ("clip_grad_norm", "-1"),
     ("stall_timeout", "-5"),
     ("max_nonfinite_steps", "0"),
+    ("max_bad_records", "-1"),
     ("keep_checkpoints", "0"),
     ("checkpoint_every", "-1"),
     ("perf_steps", "-1"),
@@ -375,3 +379,11 @@ def test_config_from_dict_rejects_unknown_and_bad_values():
         config_from_dict({"lrr": 0.1})
     with pytest.raises(InputError, match="sample_rate = 2.0 .from checkpoint"):
         config_from_dict({"sample_rate": 2.0}, source="checkpoint")
+
+
+def test_on_save_error_is_stop_or_continue():
+    assert load_config(None, environ={}).on_save_error == "stop"
+    assert load_config(None, ["on_save_error=continue"], environ={}).on_save_error == "continue"
+    with pytest.raises(InputError, match="on_save_error = 'retry' .from --set on_save_error=retry. must be one of "
+                                         "stop, continue"):
+        load_config(None, ["on_save_error=retry"], environ={})

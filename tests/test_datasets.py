@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
+from partial_fc.data.bad_records import BadRecord
 from partial_fc.data.datasets import (
     DatasetError,
     ImageFolderDataset,
@@ -16,32 +17,24 @@ from partial_fc.data.datasets import (
     SyntheticDataset,
 )
 from partial_fc.data.decode import DecodeError, decode_rgb
-from partial_fc.data.faceset import FaceSetWriter
-from partial_fc.data.loader import build_loader, collate, device_batch, to_device
+from partial_fc.data.loader import LoadedBatch, build_loader, collate, device_batch, to_device
 from partial_fc.data.recordio import IndexedRecordWriter, IRHeader, RecordIOError, pack
 from partial_fc.data.sampler import DistributedEpochSampler, SeededBatch
 from partial_fc.data.synthetic import render_identity_image
 from partial_fc.eval.verification import evaluate_model
+from tests.faces import face_jpeg, write_faceset
 
 SIZE = 24
 IDENTITIES, PER_IDENTITY = 4, 3
 
 
 def _jpeg(identity: int, index: int, size: int = SIZE) -> bytes:
-    rgb = render_identity_image(0, identity, index, size=size)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    assert ok
-    return buf.tobytes()
+    return face_jpeg(identity, index, size)
 
 
 @pytest.fixture(scope="module")
 def faceset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faceset")
-    with FaceSetWriter(root, image_size=(SIZE, SIZE)) as writer:
-        for identity in range(IDENTITIES):
-            for index in range(PER_IDENTITY):
-                writer.write(identity, _jpeg(identity, index))
-    return root
+    return write_faceset(tmp_path_factory.mktemp("faceset"), IDENTITIES, PER_IDENTITY, SIZE)
 
 
 def _headerless(directory, labels, payloads=None):
@@ -77,40 +70,152 @@ def test_headerless_set_by_paths(tmp_path):
         RecordFaceDataset(rec=rec)
 
 
-def test_label_outside_num_classes_names_file_and_key(tmp_path):
-    rec, idx = _headerless(tmp_path, [0, 1, 7, 2])
-    ds = RecordFaceDataset(rec=rec, idx=idx, num_classes=5, flip=False)
-    assert int(ds[1][1]) == 1
-    with pytest.raises(RecordIOError, match=rf"{rec}: record at key 2: label 7 is outside \[0, num_classes=5\)"):
-        ds[2]
-    with pytest.raises(RecordIOError, match="key 2"):
-        ds.labels()
+def test_label_outside_num_classes_fails_when_opened_naming_file_key_and_value(tmp_path):
+    rec, idx = _headerless(tmp_path, [0, 1, 7, 2, 9])
+    assert np.array_equal(RecordFaceDataset(rec=rec, idx=idx, num_classes=10).labels(), [0, 1, 7, 2, 9])
+    with pytest.raises(RecordIOError, match=rf"{rec}: record at key 2, offset \d+: label 7 is outside "
+                                            r"\[0, num_classes=5\) \(and 1 more; `partial-fc check-data`"):
+        RecordFaceDataset(rec=rec, idx=idx, num_classes=5, flip=False)
 
 
 def test_property_num_classes_is_enforced(faceset, tmp_path):
     for name in ("train.rec", "train.idx"):
         (tmp_path / name).write_bytes((faceset / name).read_bytes())
     (tmp_path / "property").write_text(f"{IDENTITIES - 1},{SIZE},{SIZE}\n")
-    ds = RecordFaceDataset(tmp_path, flip=False)
-    last_key = IDENTITIES * PER_IDENTITY  # images are keys 1..N; the last identity is out of range
-    with pytest.raises(RecordIOError, match=rf"key {last_key}: label {IDENTITIES - 1} is outside"):
-        ds[len(ds) - 1]
+    first_key = (IDENTITIES - 1) * PER_IDENTITY + 1  # images are keys 1..N; the last identity is out of range
+    with pytest.raises(RecordIOError, match=rf"key {first_key}, offset \d+: label {IDENTITIES - 1} is outside"):
+        RecordFaceDataset(tmp_path, flip=False)
 
 
-def test_negative_label_names_file_and_key(tmp_path):
-    rec, idx = _headerless(tmp_path, [0, -1, 1])
-    with pytest.raises(RecordIOError, match=rf"{rec}: record at key 1: label -1"):
-        RecordFaceDataset(rec=rec, idx=idx, num_classes=2, flip=False)[1]
+@pytest.mark.parametrize("label,text", [(-1, "label -1 is not a class id"), (1.5, "label 1.5 is not a class id"),
+                                        (float("nan"), "label nan is not a class id")])
+def test_label_that_is_no_class_id_fails_when_opened(tmp_path, label, text):
+    rec, idx = _headerless(tmp_path, [0, label, 1], payloads=[_jpeg(0, key) for key in range(3)])
+    with pytest.raises(RecordIOError, match=rf"{rec}: record at key 1, offset \d+: {text}"):
+        RecordFaceDataset(rec=rec, idx=idx, num_classes=2, flip=False)
 
 
-def test_non_image_payload_names_file_and_key(tmp_path):
-    rec, idx = _headerless(tmp_path, [0, 1, 0], payloads=[_jpeg(0, 0), b"this is not a jpeg", _jpeg(0, 1)])
+def test_zeroed_magic_fails_when_opened_naming_file_and_key(tmp_path):
+    rec, idx = _headerless(tmp_path, [0, 1, 0])
+    offset = int(idx.read_text().splitlines()[1].split("\t")[1])
+    with open(rec, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(4))
+    with pytest.raises(RecordIOError, match=rf"{rec}: record at key 1, offset {offset}: .*bad magic number "
+                                            "0x00000000"):
+        RecordFaceDataset(rec=rec, idx=idx, flip=False)
+
+
+def test_header_scan_agrees_with_reading_every_record(tmp_path):
+    """Scalar, array and lossless (past 2**24) labels, and a record split at an aligned magic number."""
+    from partial_fc.data.faceset import image_header
+    from partial_fc.data.recordio import MAGIC
+
+    headers = [IRHeader(0, 3.0, 0, 0), IRHeader(2, [5.0, 9.0], 1, 0), image_header(1 << 25, 2),
+               IRHeader(0, 4.0, MAGIC, 0)]  # an id holding the magic number splits the record inside its header
+    rec, idx = tmp_path / "mixed.rec", tmp_path / "mixed.idx"
+    with IndexedRecordWriter(rec, idx) as writer:
+        for key, header in enumerate(headers):
+            writer.write(key, pack(header, _jpeg(0, key)))
+    assert (int.from_bytes(rec.read_bytes()[int(idx.read_text().split()[-1]) + 4:][:4], "little") >> 29) == 1
     ds = RecordFaceDataset(rec=rec, idx=idx, flip=False)
-    with pytest.raises(DecodeError, match=rf"{rec}, key 1: cannot decode image"):
-        ds[1]
-    loader = build_loader(ds, 3, DistributedEpochSampler(3, 0, 1, shuffle=False), num_workers=2, pin_memory=False)
-    with pytest.raises(DecodeError, match=rf"{rec}, key 1"):  # from a worker process, intact
-        next(iter(loader))
+    assert ds.labels().tolist() == [3, 5, 1 << 25, 4] and ds.num_classes == (1 << 25) + 1
+
+
+def _corrupt_set(tmp_path, garbage_keys=(), truncate=False):
+    """A header-less set of 8 JPEGs (labels 0..7) whose ``garbage_keys`` hold no image; ``truncate`` cuts the file
+    inside key 6's payload, so key 7's offset lies past the end."""
+    payloads = [b"\xff\xd8 not a jpeg at all" if key in garbage_keys else _jpeg(key % IDENTITIES, key)
+                for key in range(8)]
+    rec, idx = _headerless(tmp_path, list(range(8)), payloads)
+    if truncate:
+        offsets = [int(line.split("\t")[1]) for line in idx.read_text().splitlines()]
+        with open(rec, "r+b") as f:
+            f.truncate(offsets[6] + 100)
+    return rec, idx
+
+
+def test_bad_records_are_skipped_and_refilled_with_the_next_that_decodes(tmp_path):
+    rec, idx = _corrupt_set(tmp_path, garbage_keys=(2, 3), truncate=True)
+    ds = RecordFaceDataset(rec=rec, idx=idx, image_size=(SIZE, SIZE), flip=False)
+    size = rec.stat().st_size
+    assert [(record.key, record.reason) for record in ds.cut_off] == [
+        (6, f"truncated file: the record runs past the end of the file ({size} bytes)"),
+        (7, f"offset is past the end of the file ({size} bytes)")]
+    with pytest.raises(DecodeError, match=rf"{rec}, key 2: cannot decode image"):
+        ds[2]  # one item on its own still raises
+    samples = ds.__getitems__([2, 1, 6, 7])
+    assert samples.labels.tolist() == [4, 1, 0, 0]  # 2 -> 3 -> 4; 6 (cut short) -> 7 (gone) -> 0 (wraps around)
+    assert torch.equal(samples.images[0], ds[4][0]) and torch.equal(samples.images[2], ds[0][0])
+    offsets = [int(line.split("\t")[1]) for line in idx.read_text().splitlines()]
+    assert [(record.file, record.key, record.offset) for record in samples.bad_records] == [
+        (str(rec), key, offsets[key]) for key in (2, 3, 6, 7)]
+    reasons = [record.reason for record in samples.bad_records]
+    assert reasons[0].startswith("cannot decode image (20 bytes") and reasons[1] == reasons[0]
+    assert reasons[2].startswith("truncated file: payload cut short")
+    assert reasons[3] == f"offset is past the end of the file ({size} bytes)"
+    assert str(samples.bad_records[0]).startswith(f"{rec}, key 2, offset {offsets[2]}: cannot decode image")
+
+
+def test_a_batch_gives_up_past_max_bad_per_batch_with_unfilled_slots(tmp_path):
+    rec, idx = _corrupt_set(tmp_path, garbage_keys=(1, 2, 3, 4))
+    ds = RecordFaceDataset(rec=rec, idx=idx, image_size=(SIZE, SIZE), flip=False, max_bad_per_batch=2)
+    samples = ds.__getitems__([0, 1, 5])
+    assert samples.labels.tolist() == [0, -1, 5] and not samples.images[1].any()
+    assert [record.key for record in samples.bad_records] == [1, 2, 3]
+
+
+def _batches_by_position(ds, ranks, batch, workers, epochs=2):
+    """Every (global position -> image, label, bad keys) of two shuffled epochs on ``ranks`` ranks."""
+    seen = {}
+    for rank in range(ranks):
+        sampler = DistributedEpochSampler(len(ds), rank, ranks, seed=7)
+        loader = build_loader(ds, batch, sampler, num_workers=workers, seed=7, drop_last=False)
+        for epoch in range(epochs):
+            for number, loaded in enumerate(loader):
+                bad = sorted(record.key for record in loaded.bad_records)
+                for slot, (image, label) in enumerate(zip(loaded.images, loaded.labels)):
+                    position = (number * batch + slot) * ranks + rank
+                    seen[epoch, position] = (image, int(label), bad if ranks == 1 else None)
+    return seen
+
+
+def test_refilled_batches_are_the_same_on_any_number_of_ranks_and_workers(tmp_path):
+    rec, idx = _corrupt_set(tmp_path, garbage_keys=(2, 3, 5))
+    ds = RecordFaceDataset(rec=rec, idx=idx, image_size=(SIZE, SIZE), flip=True)
+    one = _batches_by_position(ds, 1, 4, 0)
+    for ranks, batch, workers in ((1, 4, 2), (2, 2, 1), (2, 2, 2)):
+        other = _batches_by_position(ds, ranks, batch, workers)
+        assert sorted(other) == sorted(one)
+        assert all(torch.equal(other[at][0], one[at][0]) and other[at][1] == one[at][1] for at in one)
+    labels = [label for _, label, _ in one.values()]
+    assert set(labels) == {0, 1, 4, 6, 7} and labels.count(4) > 2  # 2 and 3 refill with 4, 5 with 6
+    assert {key for _, _, bad in one.values() for key in bad} == {2, 3, 5}
+
+
+def test_pinned_batches_keep_their_bad_records(monkeypatch):
+    from torch.utils.data._utils.pin_memory import pin_memory  # what DataLoader(pin_memory=True) applies
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, *args, **kwargs: tensor.clone())  # no CUDA here
+    bad = [BadRecord("train.rec", 3, 96, "cannot decode image")]
+    pinned = pin_memory(LoadedBatch(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), torch.tensor([1, 2]), bad))
+    images, labels = pinned
+    assert isinstance(pinned, LoadedBatch) and pinned.bad_records == bad and labels.tolist() == [1, 2]
+
+
+def test_unreadable_image_file_is_skipped(tmp_path):
+    for identity in range(2):
+        for index in range(2):
+            _write_image(tmp_path / f"id{identity}" / f"{index}.jpg", render_identity_image(0, identity, index, SIZE),
+                         ".jpg")
+    (tmp_path / "id0" / "1.jpg").write_bytes(b"broken")
+    ds = ImageFolderDataset(tmp_path, image_size=(SIZE, SIZE), flip=False)
+    (tmp_path / "id1" / "0.jpg").unlink()  # gone after the folder was listed
+    samples = ds.__getitems__([1, 2])
+    assert samples.labels.tolist() == [1, 1]
+    assert [(record.file, record.key, record.reason[:20]) for record in samples.bad_records] == [
+        (str(tmp_path / "id0" / "1.jpg"), None, "cannot decode image "),
+        (str(tmp_path / "id1" / "0.jpg"), None, "cannot read: No such")]
 
 
 def _write_image(path, rgb, ext):

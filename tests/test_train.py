@@ -9,21 +9,29 @@ import json
 import os
 import re
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from partial_fc.backbones import get_model
 from partial_fc.comm.single import SingleProcessCommunicator
+from partial_fc.data.recordio import IndexedRecordReader, IndexedRecordWriter
 from partial_fc.engine.config import load_config
+from partial_fc.engine.run_lock import Owner, read_owner, write_owner
 from partial_fc.engine.schedule import PolyWarmupSchedule
 from partial_fc.engine.trainer import Trainer
 from partial_fc.errors import InputError
 from tests.cli_helpers import assert_one_error, call
-from tests.launchers import REPO, launch, require
+from tests import mounts
+from tests.launchers import REPO, launch, require, start, wait_for_step
 from tests.numerics import relative_error
 
 IDENTITIES, PER_ID = 40, 8  # 320 images: 10 steps per epoch at 2 ranks x batch 16
@@ -123,6 +131,85 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(faceset, tmp_path, capsy
     assert "skipped" in out
 
 
+def corrupted_copy(faceset: Path, tmp_path: Path, garbage: Sequence[int] = (), writes: Mapping[int, tuple[int, bytes]] = {}
+                   ) -> Path:
+    """A copy of the face set whose records ``garbage`` hold bytes that are no image (their framing kept) and whose
+    records ``writes`` names get ``bytes`` written at an offset within them (0: the magic number, 12: the label)."""
+    data = tmp_path / "data"
+    shutil.copytree(faceset, data)
+    offsets = dict(line.split("\t") for line in (data / "train.idx").read_text().splitlines())
+    changes = {**{key: (8 + 24, b"\x00 this is no JPEG " * 4) for key in garbage}, **writes}
+    with open(data / "train.rec", "r+b") as rec:
+        for key, (at, data_bytes) in changes.items():
+            rec.seek(int(offsets[str(key)]) + at)
+            rec.write(data_bytes)
+    return data
+
+
+BAD_KEYS = (5, 77, 200)  # images are keys 1..320
+
+
+def test_two_ranks_skip_bad_records_log_each_once_and_finish(faceset, tmp_path):
+    data = corrupted_copy(faceset, tmp_path, garbage=BAD_KEYS)
+    job = launch("mpirun", 2, train_argv(data, tmp_path / "out", num_workers=1, val_targets="[]"), timeout=240)
+    assert job.returncode == 0, job.stderr
+    logged = [line for line in job.stdout.splitlines() if "skipped bad record" in line]
+    assert sorted(int(re.search(r"train\.rec, key (\d+),", line).group(1)) for line in logged) == sorted(BAD_KEYS)
+    assert all(re.search(rf"{data / 'train.rec'}, key \d+, offset \d+: cannot decode image .*\(rank [01]\)", line)
+               for line in logged), logged
+    result = summary(job.stdout)
+    assert result["steps"] == 10 and result["bad_records"] == len(BAD_KEYS)  # every batch refilled to full size
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun-gloo"])
+def test_past_max_bad_records_every_rank_stops_with_one_clear_error(faceset, tmp_path, launcher):
+    data = corrupted_copy(faceset, tmp_path, garbage=range(1, 321, 9))  # 36 of 320
+    job = launch(launcher, 2, train_argv(data, tmp_path / "out", max_bad_records=4, val_targets="[]"), timeout=120)
+    errors = [line.split("partial-fc: error: ", 1)[1] for line in job.stderr.splitlines() if "partial-fc: error:" in line]
+    assert job.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], job.stderr
+    assert re.match(r"stopped at step \d+: [5-9]\d* bad records skipped, more than max_bad_records=4 \(the last: .*"
+                    r"train\.rec, key \d+, offset \d+: cannot decode image", errors[0]), errors[0]
+    assert "partial-fc check-data --rec" in errors[0] and "partial_fc/" not in job.stderr  # horovodrun's own traceback
+    assert len(job.stdout.split("skipped bad record")) - 1 == int(errors[0].split(": ")[1].split()[0])
+
+
+@pytest.mark.parametrize("case", ["label_out_of_range", "label_not_an_integer", "zeroed_magic"])
+def test_bad_headers_fail_before_the_first_step_naming_file_key_and_value(faceset, tmp_path, capsys, case):
+    key, at, written, expected = {"label_out_of_range": (33, 12, struct.pack("<f", 99.0), "label 99 is outside"),
+                                  "label_not_an_integer": (34, 12, struct.pack("<f", 2.5), "label 2.5 is not a class id"),
+                                  "zeroed_magic": (35, 0, bytes(4), "bad magic number 0x00000000")}[case]
+    data = corrupted_copy(faceset, tmp_path, writes={key: (at, written)})
+    status, out, err = call(capsys, "train", *settings(data, tmp_path / "out"))
+    assert_one_error(status, err, f"{data / 'train.rec'}: record at key {key}, offset ", expected)
+    assert "training r10_nano" not in out and not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_rec_truncated_past_max_bad_records_fails_before_training(faceset, tmp_path, capsys):
+    """A header-less copy of the set (the insightface header, written last, would be cut off first), cut in half."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(faceset / "property", data / "property")
+    source = IndexedRecordReader(faceset / "train.rec", faceset / "train.idx")
+    with IndexedRecordWriter(data / "train.rec", data / "train.idx") as writer:
+        for key in range(IDENTITIES * PER_ID):
+            offset = writer.write(key, source.read(key + 1))
+            if key == IDENTITIES * PER_ID // 2:
+                half = offset + 100
+    os.truncate(data / "train.rec", half)
+    status, out, err = call(capsys, "train", *settings(data, tmp_path / "out"))
+    assert_one_error(status, err, f"160 records of {data} are cut off by a truncated .rec, more than max_bad_records=10",
+                     f"(the first: {data / 'train.rec'}, key 160, offset ")
+    assert "training r10_nano" not in out
+
+
+def test_zeroed_magic_fails_every_rank_before_training(faceset, tmp_path):
+    data = corrupted_copy(faceset, tmp_path, writes={35: (0, bytes(4))})
+    job = launch("mpirun", 2, train_argv(data, tmp_path / "out"), timeout=120)
+    errors = job.stderr.split("partial-fc: error:")[1:]
+    assert job.returncode != 0 and 1 <= len(errors) <= 2 and "training r10_nano" not in job.stdout, job.stderr
+    assert all("key 35" in error and "bad magic number 0x00000000" in error for error in errors), errors
+
+
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint by name, the center shards and their optimizer rows joined by class range."""
     tensors = {f"backbone.{key}": value for key, value in torch.load(path / "backbone.pt").items()}
@@ -218,6 +305,16 @@ def test_a_loss_scaler_changes_no_step(faceset, tmp_path):
     for name in names:
         plain, scaled = checkpoint_tensors(saved["unscaled"] / name), checkpoint_tensors(saved["scaled"] / name)
         assert all(torch.equal(scaled[key], value) for key, value in plain.items()), name
+
+
+def test_resume_auto_starts_afresh_without_a_checkpoint_and_continues_from_one(faceset, tmp_path, capsys):
+    """What a restart loop passes: resume when there is a checkpoint, start at step 0 when there is none."""
+    status, out, err = call(capsys, "train", *settings(faceset, tmp_path), "--set", "resume=auto")
+    assert status == 0, err
+    assert "resume=auto: no checkpoint" in out and summary(out)["steps"] == 20  # one process x batch 16
+    status, out, err = call(capsys, "train", *settings(faceset, tmp_path, num_epoch=2), "--set", "resume=auto")
+    assert status == 0, err
+    assert "resumed from" in out and "at step 20" in out and summary(out)["steps"] == 40
 
 
 def test_resume_names_the_changed_keys_and_refuses_a_plan_already_done(faceset, tmp_path, capsys):
@@ -362,3 +459,118 @@ def test_horovodrun_starts_config_sh_on_every_rank(faceset, tmp_path):
     result = summary(job.stdout)
     assert result["ranks"] == 2 and result["steps"] == 3
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.05  # config.sh's LR setting
+
+
+# ------------------------------------------------------------ checkpoint faults: full and read-only disks, two runs
+
+DISK_KIB = 2400  # these runs' logs and one checkpoint (1.5 MB) fit on it, a second checkpoint does not
+
+
+def report_lines(stderr: str, kind: str = "error") -> list[str]:
+    """The text of every `partial-fc: <kind>:` line, launcher tags left out."""
+    marker = f"partial-fc: {kind}: "
+    return [line.split(marker, 1)[1] for line in stderr.splitlines() if marker in line]
+
+
+@pytest.mark.parametrize("on_save_error", ["stop", "continue"])
+def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_previous_checkpoint(faceset, tmp_path, on_save_error):
+    """A real 2.4 MB tmpfs (its own mount namespace) as the output: the step-4 checkpoint fits, step 8's does not."""
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    argv = train_argv(faceset, disk / "out", checkpoint_every=4, on_save_error=on_save_error)
+    job = launch("mpirun", 2, argv, prefix=mounts.full_disk(disk, DISK_KIB, kept), timeout=180)
+    errors, warnings = report_lines(job.stderr), report_lines(job.stderr, "warning")
+    assert job.returncode not in (0, 97) and len(errors) == 2 and errors[0] == errors[1], job.stderr
+    assert "Traceback" not in job.stderr and "enforce fail" not in job.stderr, job.stderr
+    failed = 8 if on_save_error == "stop" else 10  # with continue, step 8 fails, training goes on, the final fails
+    assert errors[0].startswith(f"checkpoint {disk}/out/checkpoints/step_{failed:08d} was not saved: cannot write "
+                                f"{disk}/out/checkpoints/.step_{failed:08d}.partial/"), errors[0]
+    assert "No space left on device (ENOSPC)" in errors[0] and "--resume" in errors[0]
+    assert f"the newest checkpoint, {disk}/out/checkpoints/step_00000004, is intact" in errors[0]
+    if on_save_error == "stop":
+        assert "stopped after step 8 (on_save_error=stop)" in errors[0] and not warnings, job.stderr
+        assert "step 9/10" not in job.stdout
+    else:
+        assert len(warnings) == 2 and all("step_00000008 was not saved" in line and "training goes on" in line
+                                          for line in warnings), warnings
+        assert "step 10/10" in job.stdout and "stopped after step 10 (the run's last checkpoint)" in errors[0]
+    checkpoints = kept / "out" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["latest", "step_00000004"]
+    assert (checkpoints / "latest").read_text().strip() == "step_00000004"
+    assert not (kept / "out" / "run.lock").exists()  # freed as the run stopped
+    overrides = settings(faceset, kept / "out")[1::2]
+    trainer = Trainer(load_config("synthetic", [*overrides, "resume=true"], environ={}), SingleProcessCommunicator())
+    try:
+        trainer.resume()
+        assert trainer.step == 4
+    finally:
+        trainer.close()
+
+
+def test_a_read_only_output_folder_fails_every_rank_with_one_clear_line(faceset, tmp_path):
+    folder = tmp_path / "ro"
+    (folder / "out").mkdir(parents=True)
+    job = launch("mpirun", 2, train_argv(faceset, folder / "out"), prefix=mounts.read_only(folder), timeout=120)
+    errors = report_lines(job.stderr)
+    assert job.returncode not in (0, 97) and len(errors) == 2 and errors[0] == errors[1], job.stderr
+    assert str(folder / "out") in errors[0] and "Read-only file system" in errors[0], errors[0]
+    assert "Traceback" not in job.stderr and "training r10_nano" not in job.stdout
+
+
+def test_an_unwritable_config_json_fails_with_one_line_and_frees_the_folder(faceset, tmp_path, capsys):
+    (tmp_path / "config.json").mkdir()  # in the way of the file
+    status, out, err = call(capsys, "train", *settings(faceset, tmp_path))
+    assert_one_error(status, err, f"cannot write {tmp_path / 'config.json'}")
+    assert not (tmp_path / "run.lock").exists() and "training r10_nano" not in out
+
+
+def kill_job(process: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it, as an out-of-memory killer or a lost node would."""
+    family = [process.pid] + [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.communicate()
+
+
+def test_one_run_per_output_folder_and_a_killed_runs_folder_is_taken_over(faceset, tmp_path):
+    output = tmp_path / "run"
+    checkpoints = output / "checkpoints"
+    first = start("mpirun", 2, train_argv(faceset, output, num_epoch=30, checkpoint_every=4))
+    try:
+        wait_for_step(output, 5, first)
+        owner = read_owner(output / "run.lock")[0]
+        began = time.monotonic()
+        second = launch("mpirun", 2, train_argv(faceset, output, lr=0.02), timeout=120)
+        refused_after = time.monotonic() - began
+        errors = report_lines(second.stderr)
+        assert second.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], second.stderr
+        assert errors[0].startswith(f"output folder {output} is in use by another run ({owner.describe()}; "), errors
+        assert f"if it is dead, delete {output / 'run.lock'}" in errors[0]
+        assert refused_after < 40 and first.poll() is None, refused_after  # the owner trains on
+        assert json.loads((output / "config.json").read_text())["lr"] == 0.05  # still the owner's config
+    finally:
+        kill_job(first)
+    deadline = time.monotonic() + 30
+    while owner.is_alive(time.time()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    dead = checkpoints / ".step_00000099.partial"  # as if the killed run had been saving
+    dead.mkdir()
+    write_owner(dead / ".owner", owner)
+    sleeper = subprocess.Popen(["sleep", "120"])
+    try:
+        live = checkpoints / ".step_00000098.partial"  # a save of a process that still runs
+        live.mkdir()
+        write_owner(live / ".owner", Owner.of_process(sleeper.pid))
+        third = launch("mpirun", 2, train_argv(faceset, output, "--resume", "--perf-steps", "1", num_epoch=30,
+                                               checkpoint_every=4), timeout=180)
+        assert third.returncode == 0, third.stderr
+        assert f"took over {output} from a run that is gone ({owner.describe()})" in third.stdout, third.stdout
+        assert f"removed {dead}, left by an interrupted save" in third.stdout
+        assert re.search(rf"resumed from {checkpoints}/step_\d{{8}} at step \d+", third.stdout), third.stdout
+        assert live.is_dir() and not dead.exists() and not (output / "run.lock").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+

@@ -6,7 +6,7 @@ import argparse
 from typing import Sequence
 
 from partial_fc import __version__
-from partial_fc.cli import bench, demo, im2rec, make_synthetic, rebuild_idx, train, unpack
+from partial_fc.cli import bench, check_data, demo, im2rec, make_synthetic, rebuild_idx, train, unpack
 from partial_fc.cli import embed as embed_cli, eval as eval_cli, export as export_cli
 from partial_fc.cli.common import fail
 from partial_fc.comm import close_communicator, exit_process
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "demo": (demo, "train a small network and the Partial FC head on generated identities"),
     "bench": (bench, "benchmarks (bench head ...)"),
     "rebuild-idx": (rebuild_idx, "rebuild a lost .idx from its .rec"),
+    "check-data": (check_data, "check every record of a face set (framing, headers, labels, images); list the bad ones"),
     "make-synthetic": (make_synthetic, "write a generated face set (RecordIO + .bin) with learnable identities"),
     "im2rec": (
         im2rec,

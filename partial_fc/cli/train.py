@@ -17,8 +17,9 @@ import torch
 
 from partial_fc.cli.common import print_rank0
 from partial_fc.comm import get_communicator
-from partial_fc.engine.config import config_to_dict, format_config, load_config
+from partial_fc.engine.config import format_config, load_config
 from partial_fc.engine.trainer import Trainer
+from partial_fc.engine.watchdog import collective_timeout
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,17 +46,17 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args), os.environ)
-    comm = get_communicator(cfg.backend)
+    comm = get_communicator(cfg.backend, timeout_s=collective_timeout(cfg.stall_timeout))
     if comm.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_ranks())))
-    if comm.rank == 0:
-        Path(cfg.output).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output) / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-        print_rank0(comm, format_config(cfg))
-    trainer = Trainer(cfg, comm)
-    if cfg.resume:
-        trainer.resume()
-    result = trainer.fit()
+    print_rank0(comm, format_config(cfg))
+    trainer = Trainer(cfg, comm)  # locks the output folder and writes config.json there
+    try:
+        if cfg.resume:
+            trainer.resume()
+        result = trainer.fit()
+    finally:
+        trainer.close()
     summary = {"job": "train", "network": cfg.network, "embedding_size": cfg.embedding_size, "output": cfg.output,
                "ranks": comm.world_size, "perf_steps": cfg.perf_steps,
                "val_sets": [str(entry.path) for entry in trainer.verifier.sets], **dataclasses.asdict(result)}

@@ -26,8 +26,10 @@ __all__ = [
 _current: Communicator | None = None
 
 
-def get_communicator(backend: str = "auto") -> Communicator:
-    """The process's communicator, created on first use for `backend` ('auto' reads the launch environment)."""
+def get_communicator(backend: str = "auto", timeout_s: float = 1800.0) -> Communicator:
+    """The process's communicator, created on first use for `backend` ('auto' reads the launch environment).
+
+    A collective that waits longer than `timeout_s` for a peer fails (gloo, NCCL) or shuts Horovod down."""
     global _current
     name = choose_backend(backend)
     if _current is not None:
@@ -37,11 +39,11 @@ def get_communicator(backend: str = "auto") -> Communicator:
     if name == "horovod":
         from partial_fc.comm.horovod_backend import HorovodCommunicator
 
-        _current = HorovodCommunicator()
+        _current = HorovodCommunicator(timeout_s)
     elif name == "torch":
         from partial_fc.comm.torch_dist import TorchDistributedCommunicator
 
-        _current = TorchDistributedCommunicator()
+        _current = TorchDistributedCommunicator(timeout_s=timeout_s)
     else:
         _current = SingleProcessCommunicator()
     return _current

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
@@ -14,8 +15,12 @@ class HorovodCommunicator(Communicator):
 
     name = "horovod"
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = 1800.0) -> None:
         import horovod.torch as hvd
+
+        # Horovod names the ranks missing from a collective after the check time, and shuts down after the other.
+        os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(max(1, round(min(60.0, timeout_s / 2)))))
+        os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(max(1, round(timeout_s))))
 
         hvd.init()
         self.hvd = hvd

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from partial_fc.comm.base import Communicator, ReduceOp
 from partial_fc.comm.launch import LaunchInfo, detect_launch
+from partial_fc.comm.network import choose_interface, rendezvous_host
 
 _TORCH_OPS = {ReduceOp.SUM: dist.ReduceOp.SUM, ReduceOp.MAX: dist.ReduceOp.MAX}
 
@@ -23,17 +24,38 @@ def _free_port() -> int:
 
 
 def _rendezvous_address(launch: LaunchInfo) -> str:
-    """tcp:// address of rank 0: from MASTER_ADDR/MASTER_PORT, or agreed over MPI when mpirun started us."""
+    """tcp:// address of rank 0: from MASTER_ADDR/MASTER_PORT, or agreed over MPI when mpirun started us.
+
+    Either way, a job across hosts gets Gloo's and NCCL's interface set to the one that reaches rank 0."""
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        choose_interface(os.environ, os.environ["MASTER_ADDR"])
         return f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     if launch.launcher != "mpirun":
         raise RuntimeError("torch.distributed needs MASTER_ADDR and MASTER_PORT, or a launch by mpirun or torchrun")
     from mpi4py import MPI
 
-    address = None
+    host = None
     if launch.rank == 0:
-        address = f"tcp://{socket.gethostbyname(socket.gethostname())}:{_free_port()}"
-    return MPI.COMM_WORLD.bcast(address, root=0)
+        host = rendezvous_host(os.environ)
+    host = MPI.COMM_WORLD.bcast(host, root=0)
+    choose_interface(os.environ, host)
+    port = _free_port() if launch.rank == 0 else None
+    return f"tcp://{host}:{MPI.COMM_WORLD.bcast(port, root=0)}"
+
+
+def _elastic_store(launch: LaunchInfo, timeout: timedelta) -> dist.Store | None:
+    """Under torchrun, its rendezvous store with a prefix of the restart count, or None elsewhere.
+
+    torchrun keeps its store across worker restarts, so without the prefix a restarted group can read the
+    addresses its killed predecessor published and fail to connect (seen as "Connection refused" at start)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    choose_interface(os.environ, os.environ["MASTER_ADDR"])
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), launch.world_size,
+                          is_master=launch.rank == 0 and not hosted_by_agent, timeout=timeout)
+    return dist.PrefixStore(f"partial_fc/attempt_{attempt}", store)
 
 
 class TorchDistributedCommunicator(Communicator):
@@ -46,13 +68,11 @@ class TorchDistributedCommunicator(Communicator):
         self._owns_group = not dist.is_initialized()
         if self._owns_group:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(
-                backend,
-                init_method=_rendezvous_address(launch),
-                rank=launch.rank,
-                world_size=launch.world_size,
-                timeout=timedelta(seconds=timeout_s),
-            )
+            timeout = timedelta(seconds=timeout_s)
+            store = _elastic_store(launch, timeout)
+            rendezvous = {"store": store} if store is not None else {"init_method": _rendezvous_address(launch)}
+            dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout,
+                                    **rendezvous)
         self._group = group
         self._rank = dist.get_rank(group)
         self._world_size = dist.get_world_size(group)

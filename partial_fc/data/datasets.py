@@ -11,6 +11,13 @@ A batch of a fixed image size is decoded straight into one batch tensor (in shar
 DataLoader's own collate does) and comes back as ``StackedSamples``: still a list of ``(image, label)`` views,
 so any collate function works, but ``loader.collate`` hands the batch tensors on without stacking a copy.
 Verification sets (pair lists) come normalised, float32 [N, 3, H, W], as ``binfile.load_bin`` gives them.
+
+A batch of a fixed image size skips records that cannot be used (bad framing, a truncated payload, bytes that
+are no image, an unreadable file): each slot whose record fails is refilled with the next record in data set
+order that loads (wrapping around), so the batch keeps its size and its content depends only on the indices,
+never on the rank or worker; the skipped records travel back with it as ``StackedSamples.bad_records``. A
+RecordIO set's labels are read from every record header when it is opened, so a bad label or magic number fails
+before training.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from partial_fc.data.bad_records import BadRecord, reason_of
 from partial_fc.data.decode import Buffer, DecodeError, decode_into, decode_rgb, flip_images, normalize_images
 from partial_fc.data.faceset import read_faceset_index, read_property, record_label
-from partial_fc.data.recordio import IndexedRecordReader, IRHeader, RecordIOError, read_header, unpack
+from partial_fc.data.headers import scan_labels
+from partial_fc.data.recordio import IndexedRecordReader, RecordIOError, unpack
 from partial_fc.data.sampler import SeededBatch
 from partial_fc.errors import InputError
 
@@ -44,6 +53,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 Size = Optional[tuple[int, int]]
 Sample = tuple[torch.Tensor, torch.Tensor]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+UNFILLED_LABEL = -1
+"""The label of a batch slot left unfilled, more than ``max_bad_per_batch`` records having failed (the head refuses it)."""
+DEFAULT_MAX_BAD_PER_BATCH = 100
+_UNUSABLE = (RecordIOError, DecodeError, OSError)  # what a record that cannot be used raises
 
 
 class DatasetError(InputError):
@@ -51,11 +64,12 @@ class DatasetError(InputError):
 
 
 class StackedSamples(list):
-    """A batch's ``(image, label)`` samples as views of one uint8 images tensor [B, H, W, 3] and one labels [B]."""
+    """A batch's ``(image, label)`` samples as views of one uint8 images tensor [B, H, W, 3] and one labels [B],
+    with the ``bad_records`` skipped to fill it."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, bad_records: Sequence[BadRecord] = ()):
         super().__init__(zip(images.unbind(0), labels.unbind(0)))
-        self.images, self.labels = images, labels
+        self.images, self.labels, self.bad_records = images, labels, list(bad_records)
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -83,9 +97,10 @@ class _FaceDataset(Dataset):
     batch on the device it is trained on.
     """
 
-    def __init__(self, image_size: Size, flip: bool):
+    def __init__(self, image_size: Size, flip: bool, max_bad_per_batch: int):
         self.image_size = _image_size(image_size)
         self.flip = flip
+        self.max_bad_per_batch = max_bad_per_batch
         self._rng: tuple[int, np.random.Generator] | None = None  # (pid, generator), made on first use
 
     def _read(self, index: int) -> tuple[Buffer, int]:
@@ -94,6 +109,10 @@ class _FaceDataset(Dataset):
 
     def _source(self, index: int) -> str:
         """How errors name sample ``index`` (its file, and key or path)."""
+        raise NotImplementedError
+
+    def _bad_record(self, index: int, error: Exception) -> BadRecord:
+        """Sample ``index`` as a bad record failing with ``error``."""
         raise NotImplementedError
 
     def _decode_into(self, index: int, payload: Buffer, out: np.ndarray) -> None:
@@ -127,8 +146,9 @@ class _FaceDataset(Dataset):
         return self._sample(index, self._process_rng().random())
 
     def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
-        """A batch decoded into one uint8 tensor; a ``SeededBatch``'s flips come from its samples' global epoch
-        positions, so they depend on neither the worker nor the number of ranks."""
+        """A batch decoded into one uint8 tensor, unusable records skipped and refilled (images kept at their own
+        sizes, ``image_size=None``, come one by one, unskipped); a ``SeededBatch``'s flips come from its slots'
+        global epoch positions, so they depend on neither the worker nor the number of ranks."""
         if isinstance(indices, SeededBatch):
             draws = indices.uniforms()
         else:
@@ -138,12 +158,33 @@ class _FaceDataset(Dataset):
         images = _batch_tensor((len(indices), *self.image_size, 3))
         labels = torch.empty(len(indices), dtype=torch.int64)
         slots, label_values = images.numpy(), labels.numpy()
+        bad: list[BadRecord] = []
         for slot, index in enumerate(indices):
-            payload, label_values[slot] = self._read(index)
-            self._decode_into(index, payload, slots[slot])
+            label = self._fill(slots[slot], index, bad)
+            if label is None:
+                slots[slot] = 0
+            label_values[slot] = UNFILLED_LABEL if label is None else label
         if self.flip:
             flip_images(slots, draws < 0.5)
-        return StackedSamples(images, labels)
+        return StackedSamples(images, labels, bad)
+
+    def _fill(self, out: np.ndarray, index: int, bad: list[BadRecord]) -> int | None:
+        """Decode record ``index`` into ``out`` and return its label; when it cannot be used, the next record in
+        index order that can (each failure added to ``bad``); None once ``bad`` holds more than
+        ``max_bad_per_batch`` records, or when no record can be used."""
+        for step in range(len(self)):
+            candidate = (index + step) % len(self)
+            try:
+                payload, label = self._read(candidate)
+                decode_into(payload, out)
+                return label
+            except _UNUSABLE as error:
+                record = self._bad_record(candidate, error)
+                if record not in bad:
+                    bad.append(record)
+                if len(bad) > self.max_bad_per_batch:
+                    return None
+        return None
 
 
 class RecordFaceDataset(_FaceDataset):
@@ -151,29 +192,37 @@ class RecordFaceDataset(_FaceDataset):
 
     def __init__(self, root: PathLike | None = None, *, rec: PathLike | None = None,
                  idx: PathLike | None = None, num_classes: int | None = None, image_size: Size = None,
-                 flip: bool = True, name: str = "train"):
+                 flip: bool = True, name: str = "train", max_bad_per_batch: int = DEFAULT_MAX_BAD_PER_BATCH):
         """Open ``root/<name>.rec`` + ``.idx`` (or ``rec`` and ``idx``); ``property`` beside them gives
-        num_classes and the size images are resized to, unless ``num_classes`` / ``image_size`` are given."""
+        num_classes and the size images are resized to, unless ``num_classes`` / ``image_size`` are given.
+
+        Every image record's header is read now: a bad magic number or label fails here, naming file and key."""
         if root is not None:
             if rec is not None or idx is not None:
                 raise DatasetError("give either root or both rec and idx, not both")
             rec, idx = Path(root) / f"{name}.rec", Path(root) / f"{name}.idx"
         if rec is None or idx is None:
             raise DatasetError("give either root or both rec and idx")
-        self.reader = IndexedRecordReader(rec, idx)
+        self.reader = IndexedRecordReader(rec, idx, past_end_ok=True)
         prop = read_property(Path(self.reader.path).parent)
         if prop is not None:
             num_classes = prop[0] if num_classes is None else num_classes
             image_size = prop[1:] if image_size is None else image_size
         if num_classes is not None and num_classes < 1:
             raise DatasetError(f"{self.reader.path}: num_classes must be positive, got {num_classes}")
-        super().__init__(image_size, flip)
+        super().__init__(image_size, flip, max_bad_per_batch)
         index = read_faceset_index(self.reader)
         self.image_keys = index.image_keys
         self._offsets = self.reader.offsets_of(self.image_keys)
         self._ends = self.reader.record_ends(self._offsets)
         self._num_classes = num_classes if num_classes is not None else index.num_identities
-        self._labels: np.ndarray | None = None
+        scan = scan_labels(self.reader, self.image_keys, self._offsets, self._num_classes)
+        if scan.invalid:
+            first, more = scan.invalid[0], len(scan.invalid) - 1
+            also = f" (and {more} more; `partial-fc check-data` lists every bad record)" if more else ""
+            raise RecordIOError(first.reason + also, path=first.file, key=first.key, offset=first.offset)
+        self._labels = scan.labels
+        self.cut_off = scan.cut_off  # records a truncated .rec lost: skipped when read
 
     def __len__(self) -> int:
         return len(self.image_keys)
@@ -182,42 +231,35 @@ class RecordFaceDataset(_FaceDataset):
     def num_classes(self) -> int:
         """Classes: given, from ``property``, from the header's identity count, else ``max(label) + 1``."""
         if self._num_classes is None:
-            self._num_classes = int(self.labels().max()) + 1
+            self._num_classes = int(self.labels().max(initial=-1)) + 1
         return self._num_classes
 
-    def _label(self, header: IRHeader, key: int) -> int:
-        """The record's class id, refused (naming file and key) when outside ``[0, num_classes)``."""
-        label = record_label(header, path=self.reader.path, key=key)
-        if self._num_classes is not None and label >= self._num_classes:
-            raise RecordIOError(f"label {label} is outside [0, num_classes={self._num_classes})",
-                                path=self.reader.path, key=key)
-        return label
-
     def labels(self) -> np.ndarray:
-        """Every image's class (int64, in sample order), read from the record headers without decoding; checked."""
-        if self._labels is None:
-            labels = np.empty(len(self.image_keys), dtype=np.int64)
-            for i, (key, offset) in enumerate(zip(self.image_keys.tolist(), self._offsets.tolist())):
-                labels[i] = self._label(read_header(self.reader, offset), key)
-            self._labels = labels
+        """Every image's class (int64, in sample order), as read from the record headers when the set was opened;
+        -1 for the records ``cut_off`` lists."""
         return self._labels
 
     def _read(self, index: int) -> tuple[Buffer, int]:
-        header, payload = unpack(self.reader.read_span(int(self._offsets[index]), int(self._ends[index])))
-        return payload, self._label(header, int(self.image_keys[index]))
+        offset, key = int(self._offsets[index]), int(self.image_keys[index])
+        header, payload = unpack(self.reader.read_span(offset, int(self._ends[index])))
+        return payload, record_label(header, path=self.reader.path, key=key, num_classes=self._num_classes)
 
     def _source(self, index: int) -> str:
         return f"{self.reader.path}, key {int(self.image_keys[index])}"
+
+    def _bad_record(self, index: int, error: Exception) -> BadRecord:
+        return BadRecord(self.reader.path, int(self.image_keys[index]), int(self._offsets[index]), reason_of(error))
 
 
 class ImageFolderDataset(_FaceDataset):
     """``root/<identity>/*.jpg|png``: one sub-folder per identity, classes numbered by sorted folder name."""
 
-    def __init__(self, root: PathLike, *, image_size: Size = (112, 112), flip: bool = True):
+    def __init__(self, root: PathLike, *, image_size: Size = (112, 112), flip: bool = True,
+                 max_bad_per_batch: int = DEFAULT_MAX_BAD_PER_BATCH):
         """Scan ``root``; images are resized to ``image_size`` where they differ (None: keep each one's size).
 
         An empty root or an identity folder without images is an error naming the folder."""
-        super().__init__(image_size, flip)
+        super().__init__(image_size, flip, max_bad_per_batch)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(f"{self.root}: not a folder")
@@ -259,6 +301,9 @@ class ImageFolderDataset(_FaceDataset):
 
     def _source(self, index: int) -> str:
         return str(self.path(index))
+
+    def _bad_record(self, index: int, error: Exception) -> BadRecord:
+        return BadRecord(str(self.path(index)), None, None, reason_of(error))
 
 
 class PairListDataset(Dataset):

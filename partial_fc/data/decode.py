@@ -39,7 +39,7 @@ class DecodeError(InputError):
 
     def __init__(self, message: str, source: str | None = None):
         super().__init__(message if source is None else f"{source}: {message}")
-        self.source = source
+        self.source, self.reason = source, message
 
 
 class JpegBackend(NamedTuple):

@@ -49,8 +49,9 @@ def _range_header(start: int, end: int) -> IRHeader:
     return IRHeader(_RANGE_FLAG, [_MARK, _MARK], start, end)
 
 
-def record_label(header: IRHeader, *, path: str, key: int) -> int:
-    """The class id of an image record: its scalar label, the first of an array label, or the lossless form."""
+def record_label(header: IRHeader, *, path: str, key: int, num_classes: int | None = None) -> int:
+    """The class id of an image record: its scalar label, the first of an array label, or the lossless form;
+    refused (naming file and key) when not a non-negative integer, or outside ``[0, num_classes)`` when given."""
     if header.flag > 0:
         labels = np.asarray(header.label)
         if labels.size == 0:
@@ -59,10 +60,14 @@ def record_label(header: IRHeader, *, path: str, key: int) -> int:
     else:
         value = float(header.label)
     if value == _MARK and header.id2 >= EXACT_LIMIT:
-        return int(header.id2)
-    if not value.is_integer() or value < 0:
+        label = int(header.id2)
+    elif not value.is_integer() or value < 0:
         raise RecordIOError(f"label {value:g} is not a class id (a non-negative integer)", path=path, key=key)
-    return int(value)
+    else:
+        label = int(value)
+    if num_classes is not None and label >= num_classes:
+        raise RecordIOError(f"label {label} is outside [0, num_classes={num_classes})", path=path, key=key)
+    return label
 
 
 def _range_of(header: IRHeader, *, path: str, key: int) -> tuple[int, int]:

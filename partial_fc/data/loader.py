@@ -3,30 +3,49 @@
 ``build_loader`` batches a ``DistributedEpochSampler`` with ``EpochBatchSampler`` (each batch carries the seed
 its flips draw from) and returns an ``EpochLoader``: it advances the sampler by each batch it hands to the
 training loop (prefetched batches do not count), so ``sampler.state_dict()`` taken in the loop body counts the
-batch being trained on; an epoch read to its end moves the sampler to the next epoch.
+batch being trained on; an epoch read to its end moves the sampler to the next epoch. A batch of decoded images
+comes as a ``LoadedBatch``, which unpacks as ``images, labels`` and carries the bad records its worker skipped.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from partial_fc.data.bad_records import BadRecord
 from partial_fc.data.datasets import StackedSamples
 from partial_fc.data.decode import normalize_images
 from partial_fc.data.sampler import DistributedEpochSampler, EpochBatchSampler
 
-__all__ = ["EpochLoader", "WorkerSeeder", "build_loader", "collate", "device_batch", "to_device"]
+__all__ = ["EpochLoader", "LoadedBatch", "WorkerSeeder", "build_loader", "collate", "device_batch", "to_device"]
+
+
+class LoadedBatch:
+    """A batch's uint8 ``images`` [B, H, W, 3] and ``labels`` [B] (it unpacks as ``images, labels``), and the
+    ``bad_records`` skipped to fill it. Not a tuple, so that pinning memory keeps it whole."""
+
+    __slots__ = ("images", "labels", "bad_records")
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, bad_records: Sequence[BadRecord] = ()):
+        self.images, self.labels, self.bad_records = images, labels, list(bad_records)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.images, self.labels))
+
+    def pin_memory(self) -> LoadedBatch:
+        """The batch with its tensors in pinned memory (what DataLoader's ``pin_memory`` calls)."""
+        return LoadedBatch(self.images.pin_memory(), self.labels.pin_memory(), self.bad_records)
 
 
 def collate(samples: Any) -> Any:
-    """``(images, labels)`` of a batch: ``StackedSamples`` as they are (no copy), anything else by default_collate."""
+    """``StackedSamples`` as a ``LoadedBatch`` of their tensors (no copy), anything else by default_collate."""
     if isinstance(samples, StackedSamples):
-        return samples.images, samples.labels
+        return LoadedBatch(samples.images, samples.labels, samples.bad_records)
     return default_collate(samples)
 
 

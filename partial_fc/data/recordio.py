@@ -66,6 +66,7 @@ _MAX_PART = 1 << _LENGTH_BITS  # a part's length must fit in 29 bits
 _MAX_RECORD = 1 << 30  # dmlc-core refuses records of 2**30 bytes or more
 _IR = struct.Struct("IfQQ")  # native order, exactly as mx.recordio uses it
 _FLOAT32_EXACT_INT = 1 << 24
+_NO_END = 1 << 62  # a file size no offset reaches (for indexes of truncated files)
 
 
 class RecordIOError(InputError):
@@ -86,17 +87,19 @@ class RecordIOError(InputError):
         full = f"{': '.join(where)}: {message}" if where else message
         super().__init__(full)
         self.path, self.offset, self.key, self.line = path, offset, key, line
+        self.reason = message  # what is wrong, without the place
 
     def __reduce__(self):
         """Pickle as the finished message (so errors cross process boundaries intact)."""
-        return (_rebuild_error, (self.args[0], self.path, self.offset, self.key, self.line))
+        return (_rebuild_error, (self.args[0], self.path, self.offset, self.key, self.line, self.reason))
 
 
-def _rebuild_error(message: str, path, offset, key, line) -> RecordIOError:
+def _rebuild_error(message: str, path, offset, key, line, reason) -> RecordIOError:
     """Recreate a pickled RecordIOError without re-formatting its message."""
     err = RecordIOError.__new__(RecordIOError)
     Exception.__init__(err, message)
     err.path, err.offset, err.key, err.line = path, offset, key, line
+    err.reason = reason
     return err
 
 
@@ -510,13 +513,15 @@ class IndexedRecordReader(RecordReader):
     Iterating the reader still yields payloads in file order (see ``RecordReader``).
     """
 
-    def __init__(self, rec_path: PathLike, idx_path: PathLike):
-        """Open the ``.rec`` (lazily) and parse the ``.idx`` now (its errors name the line)."""
+    def __init__(self, rec_path: PathLike, idx_path: PathLike, *, past_end_ok: bool = False):
+        """Open the ``.rec`` (lazily) and parse the ``.idx`` now (its errors name the line). With ``past_end_ok``,
+        offsets past the end of a truncated ``.rec`` are kept (reading them raises) instead of refused."""
         super().__init__(rec_path)
         self.idx_path = os.fspath(idx_path)
         if not os.path.isfile(self.idx_path):
             raise MissingInputError(f"{self.idx_path}: no such RecordIO index (partial-fc rebuild-idx makes one from the .rec)")
-        self._keys, self._offsets = _parse_index(self.idx_path, os.path.getsize(self.path))
+        rec_size = _NO_END if past_end_ok else os.path.getsize(self.path)
+        self._keys, self._offsets = _parse_index(self.idx_path, rec_size)
         n = len(self._keys)
         self._base: int | None = None  # keys are base, base+1, ...: direct lookup
         self._sorter: np.ndarray | None = None
@@ -734,8 +739,12 @@ def pack(header: IRHeader | Sequence[Any], payload: bytes) -> bytes:
 def read_header(reader: RecordReader, offset: int) -> IRHeader:
     """The image-record header (with its float32 labels) of the record at ``offset``, without reading the image."""
     head = reader.read_prefix(offset, _IR.size)
-    if len(head) == _IR.size and _IR.unpack_from(head)[0] > 0:
-        head = reader.read_prefix(offset, _IR.size + 4 * _IR.unpack_from(head)[0])
+    flag = _IR.unpack_from(head)[0] if len(head) == _IR.size else 0
+    if _IR.size + 4 * flag >= _MAX_RECORD:
+        raise RecordIOError(f"image record header claims {flag} float32 labels, more than a record can hold",
+                            path=reader.path, offset=offset)
+    if flag > 0:
+        head = reader.read_prefix(offset, _IR.size + 4 * flag)
     return unpack(head)[0]
 
 

@@ -4,8 +4,12 @@ A checkpoint is the directory `<root>/step_<8-digit step>/`: `manifest.json` (wr
 `backbone_optimizer.pt`, `training.pt` (step, epoch, scheduler, loss scaler, extra), one
 `centers_<start>-<end>.pt` per rank (its rows of the class centers and of every per-row optimizer tensor)
 and one `rank_<k>.pt` per rank (sampler position and RNG states). Every rank writes into
-`<root>/.step_<N>.partial/`; rank 0 checks the files, writes the manifest and renames the directory, so a
-crash at any point leaves the previous checkpoint whole. `<root>/latest` names the newest one.
+`<root>/.step_<N>.partial/` (which names its owner, see `run_lock`); rank 0 checks the files, writes the manifest
+and renames the directory, so a kill at any point leaves the previous checkpoints whole, and a failed save
+removes its own `.partial` folder and raises `CheckpointSaveError` on every rank. A checkpoint is newer when it
+was saved later: each manifest holds a save `sequence` one above every checkpoint in the root, so after a resume
+from an older checkpoint into the same root the new line's checkpoints win over the abandoned ones (pruning
+goes by the same order). `<root>/latest` names the newest one for people and other tools; resume ignores it.
 
 Loading on another number of ranks reads each new shard's rows from the overlapping saved shards only.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -30,12 +35,18 @@ from torch import nn
 
 import partial_fc
 from partial_fc.comm import Communicator
+from partial_fc.engine.agreement import on_every_rank, run_on_root
+from partial_fc.engine.run_lock import Owner, read_owner, write_owner
 from partial_fc.errors import InputError, MissingInputError, PartialFCError
-from partial_fc.fileio import atomic_path, fsync_path
+from partial_fc.fileio import atomic_path, fsync_path, os_error_cause
+from partial_fc.progress import print_line
 
 __all__ = [
     "CheckpointError",
+    "CheckpointSaveError",
+    "CorruptCheckpointError",
     "TrainingState",
+    "clean_leftovers",
     "find_latest",
     "load_backbone_state",
     "load_checkpoint",
@@ -49,6 +60,7 @@ LATEST = "latest"
 BACKBONE = "backbone.pt"
 BACKBONE_OPTIMIZER = "backbone_optimizer.pt"
 TRAINING = "training.pt"
+OWNER = ".owner"  # in a `.partial` folder: the process writing it (removed before the rename)
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 LEFTOVER = re.compile(r"^\.(step_\d{8,}\.(partial|old)|latest\..*\.tmp)$")
 _HASH_BYTES = 32
@@ -61,6 +73,14 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 class CheckpointError(PartialFCError):
     """A checkpoint could not be written or read for a reason other than bad input (disk full, unshared root)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save failed (disk full, read-only or unwritable folder...); its `.partial` is gone, the older ones intact."""
+
+
+class CorruptCheckpointError(InputError):
+    """A checkpoint's files do not match its manifest (truncated, changed, missing) or its manifest is unreadable."""
 
 
 @dataclass
@@ -77,62 +97,12 @@ class TrainingState:
     sampler_restarted: bool = False
     rng_restored: bool = True
     notes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # newer checkpoints passed over as corrupt, why each
 
 
 def step_dir_name(step: int) -> str:
     """`step_00001234`: the directory name of the checkpoint taken after `step` steps."""
     return f"step_{step:08d}"
-
-
-# ----------------------------------------------------------------------------------------------- collectives
-
-
-def _agree(comm: Communicator, error: Optional[BaseException]) -> None:
-    """Raise on every rank when any rank failed, with the first failing rank's message (one collective if none)."""
-    flag = torch.tensor([[0 if error is None else 1]], dtype=torch.int64, device=comm.device)
-    flags = comm.all_gather(flag, sizes=[1] * comm.world_size).reshape(-1).tolist()
-    if not any(flags):
-        return
-    culprit = flags.index(1)
-    described = None
-    if comm.rank == culprit:
-        kind = "other"
-        if isinstance(error, InputError):
-            kind = "missing" if isinstance(error, MissingInputError) else "input"
-        described = (kind, str(error))
-    kind, message = comm.broadcast_object(described, culprit)
-    if error is not None:
-        if isinstance(error, PartialFCError):
-            raise error
-        raise CheckpointError(f"rank {comm.rank}: {error}") from error
-    if kind == "missing":
-        raise MissingInputError(message)
-    if kind == "input":
-        raise InputError(message)
-    raise CheckpointError(f"rank {culprit}: {message}")
-
-
-def _run_on_root(comm: Communicator, action) -> Any:
-    """Call `action()` on rank 0 only and return its result on every rank; its failure fails every rank."""
-    result, error = None, None
-    if comm.rank == 0:
-        try:
-            result = action()
-        except Exception as caught:  # noqa: BLE001 - handed to every rank by _agree
-            error = caught
-    _agree(comm, error)
-    return comm.broadcast_object(result, 0)
-
-
-def _on_every_rank(comm: Communicator, action) -> Any:
-    """Call `action()` on every rank; a failure on any rank fails every rank instead of leaving some waiting."""
-    result, error = None, None
-    try:
-        result = action()
-    except Exception as caught:  # noqa: BLE001 - handed to every rank by _agree
-        error = caught
-    _agree(comm, error)
-    return result
 
 
 # ------------------------------------------------------------------------------------------------ file helpers
@@ -146,20 +116,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _save_error(path: Any, error: BaseException) -> CheckpointSaveError:
+    return CheckpointSaveError(f"cannot write {path}: {os_error_cause(error)}")
+
+
 def _save_durably(obj: Any, path: Path) -> dict[str, Any]:
     """torch.save `obj` to `path`, flushed to disk; returns the file's size and sha256 for the manifest."""
-    with open(path, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except (OSError, RuntimeError) as error:  # torch reports a failed write as RuntimeError("enforce fail ...")
+        raise _save_error(path, error) from error
     return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
 def _write_text_durably(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise _save_error(path, error) from error
 
 
 def _load(path: Path, mmap: bool = False) -> Any:
@@ -266,20 +246,62 @@ def _write_root_files(partial: Path, step: int, epoch: int, backbone, backbone_o
     return files
 
 
-def _prepare(root: Path, partial: Path, config: dict[str, Any]) -> None:
-    """Rank 0: create the root, drop leftovers of interrupted saves, open a fresh `.partial` directory."""
+def _in_progress(partial: Path) -> Optional[Owner]:
+    """The live process (not this one) still writing `partial`, or None when its save is dead (or ownerless)."""
+    held = read_owner(partial / OWNER)
+    if held is None or held[0].is_this_process() or not held[0].is_alive(held[1]):
+        return None
+    return held[0]
+
+
+def clean_leftovers(root: PathLike) -> list[str]:
+    """Tidy what interrupted saves of dead owners left in `root`: remove their `.partial` folders and `latest`
+    temporaries, and put back a checkpoint whose replacement was cut off; one line per thing done."""
+    root, done = Path(root), []
+    if not root.is_dir():
+        return done
+    for child in sorted(root.iterdir()):
+        match = LEFTOVER.match(child.name)
+        if match is None:
+            continue
+        if match.group(2) is None:
+            child.unlink(missing_ok=True)
+            continue
+        step_name = child.name[1:].rsplit(".", 1)[0]
+        if _in_progress(root / f".{step_name}.partial") is not None:
+            continue
+        final = root / step_name
+        if match.group(2) == "old" and not final.exists():
+            os.rename(child, final)
+            done.append(f"put back {final}, whose replacement was interrupted")
+        else:
+            shutil.rmtree(child)
+            done.append(f"removed {child}, left by an interrupted save")
+    return done
+
+
+def _prepare(root: Path, partial: Path, config: dict[str, Any]) -> bool:
+    """Rank 0: create the root, tidy dead saves' leftovers, open a fresh `.partial` directory naming this process."""
     try:
         json.dumps(config)
     except (TypeError, ValueError) as error:
         raise InputError(f"checkpoint config is not JSON-serializable: {error}") from error
-    root.mkdir(parents=True, exist_ok=True)
-    for child in root.iterdir():
-        if LEFTOVER.match(child.name):
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    partial.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(root)
+        partial.mkdir()
+    except FileExistsError as error:
+        owner = _in_progress(partial)
+        raise CheckpointSaveError(f"{partial} is being written by another save ({owner.describe() if owner else '?'})"
+                                  f": two runs are saving into {root}") from error
+    except OSError as error:
+        raise _save_error(error.filename or partial, error) from error
+    try:
+        write_owner(partial / OWNER, Owner.this_process())
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise _save_error(partial / OWNER, error) from error
+    return True
 
 
 def _manifest_files(records: list[list[int]], root_files: dict[str, dict[str, Any]],
@@ -301,39 +323,52 @@ def _manifest_files(records: list[list[int]], root_files: dict[str, dict[str, An
 
 
 def _publish(root: Path, partial: Path, manifest: dict[str, Any], keep: int) -> Path:
-    """Rank 0: check every file arrived, write the manifest, rename into place, point `latest` at it, prune."""
+    """Rank 0: check every file arrived, write the manifest, rename into place; then point `latest` at it, prune."""
     for name, meta in manifest["files"].items():
         path = partial / name
         if not path.is_file() or path.stat().st_size != meta["size"]:
-            raise CheckpointError(f"{path} is not visible to rank 0 with {meta['size']} bytes: the checkpoint "
-                                  "root must be a filesystem shared by every rank")
+            raise CheckpointSaveError(f"{path} is not visible to rank 0 with {meta['size']} bytes: the checkpoint "
+                                      "root must be a filesystem shared by every rank")
     _write_text_durably(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-    fsync_path(partial)
     final = root / step_dir_name(manifest["step"])
     replaced = root / f".{final.name}.old"
-    if final.exists():
-        os.rename(final, replaced)
-    os.rename(partial, final)
+    try:
+        fsync_path(partial)
+        (partial / OWNER).unlink()
+        if final.exists():
+            os.rename(final, replaced)
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if replaced.exists():
+                os.rename(replaced, final)
+            raise
+    except OSError as error:
+        raise _save_error(error.filename or final, error) from error
     fsync_path(root)
-    with atomic_path(root / LATEST, durable=True) as temporary:
-        Path(temporary).write_text(final.name + "\n", encoding="utf-8")
-    if replaced.exists():
-        shutil.rmtree(replaced)
-    _prune(root, keep, final)
+    _tidy_after_publish(root, final, replaced, keep)
     return final
 
 
+def _tidy_after_publish(root: Path, final: Path, replaced: Path, keep: int) -> None:
+    """Point `latest` at `final`, drop the checkpoint it replaced, prune; the checkpoint is saved, so a failure
+    here only warns."""
+    try:
+        with atomic_path(root / LATEST, durable=True) as temporary:
+            Path(temporary).write_text(final.name + "\n", encoding="utf-8")
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        _prune(root, keep, final)
+    except OSError as error:
+        print_line(f"partial-fc: warning: checkpoint {final} is saved, but tidying {root} failed: cannot write "
+                   f"{error.filename}: {os_error_cause(error)}")
+
+
 def _prune(root: Path, keep: int, current: Path) -> None:
-    """Delete complete checkpoints older (by creation time) than the newest `keep`, never `current`."""
-    complete = []
-    for path in _complete_checkpoints(root):
-        try:
-            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-            complete.append((float(manifest["created_unix"]), int(manifest["step"]), path))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # an unreadable checkpoint is left for a person to look at, not deleted
-    complete.sort(key=lambda item: item[:2])
-    for _, _, path in complete[: max(0, len(complete) - keep)]:
+    """Delete complete checkpoints saved before the newest `keep`, never `current` nor one with an unreadable
+    manifest (left for a person to look at)."""
+    readable = [path for path, sequence in _checkpoints_newest_first(root) if sequence is not None]
+    for path in readable[keep:]:
         if path != current:
             shutil.rmtree(path)
 
@@ -358,7 +393,8 @@ def save_checkpoint(
     """Write `<root>/step_<step>/` from every rank (a collective), atomically; keep the newest `keep` checkpoints.
 
     `config` (JSON-serializable) goes into the manifest; `extra` (tensors, numbers, strings, lists, dicts) into
-    the training state. Returns the checkpoint directory on every rank.
+    the training state. Returns the checkpoint directory on every rank; a failure to write raises the same
+    `CheckpointSaveError` on every rank, naming the file, the cause and the newest checkpoint left.
     """
     for name, value, minimum in (("step", step, 0), ("epoch", epoch, 0), ("keep", keep, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -366,7 +402,6 @@ def save_checkpoint(
     root = Path(root)
     config, extra = dict(config or {}), dict(extra or {})
     partial = root / f".{step_dir_name(step)}.partial"
-    _run_on_root(comm, lambda: _prepare(root, partial, config))
 
     def write() -> tuple[list[int], dict]:
         own = _write_rank_files(partial, comm, head, head_optimizer, sampler)
@@ -374,15 +409,12 @@ def save_checkpoint(
             return own, {}
         return own, _write_root_files(partial, step, epoch, backbone, backbone_optimizer, scheduler, scaler, extra)
 
-    record, root_files = _on_every_rank(comm, write)
-    row = torch.tensor([record], dtype=torch.int64, device=comm.device)
-    records = comm.all_gather(row, sizes=[1] * comm.world_size).tolist()
-
-    def publish() -> str:
+    def publish(records: list[list[int]], root_files: dict) -> str:
         centers, ranks, files = _manifest_files(records, root_files, head.weight.dtype)
         now = time.time()
         manifest = {
             "format": FORMAT, "version": VERSION, "step": step, "epoch": epoch, "world_size": comm.world_size,
+            "sequence": _next_sequence(root),
             "num_classes": head.num_classes, "embedding_size": head.embedding_size,
             "row_state": sorted(key for key, value in head_optimizer.state[head.weight].items()
                                 if _is_row_state(value, head)),
@@ -392,33 +424,64 @@ def save_checkpoint(
         }
         return str(_publish(root, partial, manifest, keep))
 
-    return Path(_run_on_root(comm, publish))
+    prepared = False
+    try:
+        prepared = run_on_root(comm, lambda: _prepare(root, partial, config), CheckpointError)
+        record, root_files = on_every_rank(comm, write, CheckpointError)
+        row = torch.tensor([record], dtype=torch.int64, device=comm.device)
+        records = comm.all_gather(row, sizes=[1] * comm.world_size).tolist()
+        return Path(run_on_root(comm, lambda: publish(records, root_files), CheckpointError))
+    except PartialFCError as error:  # raised alike on every rank
+        if prepared and comm.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, InputError):
+            raise
+        newest = find_latest(root)
+        left = f"the newest checkpoint, {newest}, is intact" if newest else f"{root} holds no earlier checkpoint"
+        removed = f"the unfinished {partial.name} was removed, and " if prepared else ""
+        raise CheckpointSaveError(f"checkpoint {root / step_dir_name(step)} was not saved: {error}; {removed}{left}"
+                                  ) from error
 
 
 # ----------------------------------------------------------------------------------------------- finding
 
 
-def _complete_checkpoints(root: Path) -> list[Path]:
-    """`step_*` directories under `root` that hold a manifest (only a finished save renames one into place)."""
+def _sequence(directory: Path) -> Optional[int]:
+    """The save sequence in `directory`'s manifest (0 for manifests from before it existed); None if unreadable."""
+    try:
+        sequence = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("sequence", 0)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return sequence if isinstance(sequence, int) and not isinstance(sequence, bool) else None
+
+
+def _checkpoints_newest_first(root: Path) -> list[tuple[Path, Optional[int]]]:
+    """Complete checkpoints (`step_*` folders holding a manifest: only a finished save renames one into place) with
+    their save sequence, the last saved first (then the higher step); unreadable manifests come first, to be
+    reported and passed over rather than hidden."""
     if not root.is_dir():
         return []
-    found = [child for child in root.iterdir() if STEP_DIR.match(child.name) and (child / MANIFEST).is_file()]
-    return sorted(found, key=lambda path: int(STEP_DIR.match(path.name).group(1)))
+    found = []
+    for child in root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and (child / MANIFEST).is_file():
+            found.append((child, _sequence(child), int(match.group(1))))
+    found.sort(key=lambda item: (math.inf if item[1] is None else item[1], item[2]), reverse=True)
+    return [(path, sequence) for path, sequence, _ in found]
+
+
+def _next_sequence(root: Path) -> int:
+    return 1 + max((sequence for _, sequence in _checkpoints_newest_first(root) if sequence is not None), default=0)
 
 
 def find_latest(root: PathLike) -> Optional[Path]:
-    """The checkpoint `root/latest` names (else the highest complete step), `root` itself if it is one, or None."""
+    """The newest complete checkpoint under `root` (saved last, whatever its step; `latest` is only a hint for
+    people), `root` itself if it is one, or None."""
     root = Path(root)
     if (root / MANIFEST).is_file():
         return root
-    try:
-        named = (root / LATEST).read_text(encoding="utf-8").strip()
-    except OSError:
-        named = ""
-    if STEP_DIR.match(named) and (root / named / MANIFEST).is_file():
-        return root / named
-    complete = _complete_checkpoints(root)
-    return complete[-1] if complete else None
+    complete = _checkpoints_newest_first(root)
+    return complete[0][0] if complete else None
 
 
 def _resolve(path: PathLike) -> Path:
@@ -435,36 +498,41 @@ def _resolve(path: PathLike) -> Path:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    """The manifest of `directory`, checked for shape; InputError naming it when missing, corrupt or malformed."""
+    """The manifest of `directory`, checked for shape; MissingInputError when missing, CorruptCheckpointError naming
+    it when unreadable or malformed, InputError when written by another format version."""
     path = directory / MANIFEST
     if not path.is_file():
         raise MissingInputError(f"checkpoint manifest {path} is missing")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise InputError(f"checkpoint manifest {path} is not valid JSON: {error}") from error
+        raise CorruptCheckpointError(f"checkpoint manifest {path} is not valid JSON: {error}") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise InputError(f"{path} is not a partial_fc checkpoint manifest (format {FORMAT!r} expected)")
+        raise CorruptCheckpointError(f"{path} is not a partial_fc checkpoint manifest (format {FORMAT!r} expected)")
     if manifest.get("version") != VERSION:
         raise InputError(f"{path} has checkpoint format version {manifest.get('version')!r}; this code reads {VERSION}")
     expected = {"step": int, "epoch": int, "world_size": int, "num_classes": int, "embedding_size": int,
                 "centers": list, "rank_files": list, "files": dict, "config": dict, "row_state": list}
     for key, kind in expected.items():
         if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
-            raise InputError(f"{path}: key {key!r} is missing or not a {kind.__name__}")
+            raise CorruptCheckpointError(f"{path}: key {key!r} is missing or not a {kind.__name__}")
+    if not isinstance(manifest.get("sequence", 0), int):
+        raise CorruptCheckpointError(f"{path}: key 'sequence' is not an int")
     for name, meta in manifest["files"].items():
         if Path(name).name != name or not isinstance(meta, dict) or not isinstance(meta.get("size"), int) \
                 or not isinstance(meta.get("sha256"), str):
-            raise InputError(f"{path}: file entry {name!r} must be a plain name with an integer size and a sha256")
+            raise CorruptCheckpointError(f"{path}: file entry {name!r} must be a plain name with an integer size "
+                                         "and a sha256")
     for entry in manifest["centers"]:
         if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("start"), int)
                 and isinstance(entry.get("end"), int) and entry["file"] in manifest["files"]):
-            raise InputError(f"{path}: center shard entry {entry!r} needs a listed file, start and end")
+            raise CorruptCheckpointError(f"{path}: center shard entry {entry!r} needs a listed file, start and end")
     if len(manifest["rank_files"]) != manifest["world_size"]:
-        raise InputError(f"{path}: {len(manifest['rank_files'])} rank files for world_size {manifest['world_size']}")
+        raise CorruptCheckpointError(f"{path}: {len(manifest['rank_files'])} rank files for world_size "
+                                     f"{manifest['world_size']}")
     for name in [BACKBONE, BACKBONE_OPTIMIZER, TRAINING, *manifest["rank_files"]]:
         if not isinstance(name, str) or name not in manifest["files"]:
-            raise InputError(f"{path}: file {name!r} is not listed")
+            raise CorruptCheckpointError(f"{path}: file {name!r} is not listed")
     return manifest
 
 
@@ -478,10 +546,11 @@ def _check_coverage(manifest: dict[str, Any], path: Path) -> None:
                 what = "overlaps the previous one"
             elif entry["start"] == covered:
                 what = "is empty"
-            raise InputError(f"{path}: center shard {entry['file']} [{entry['start']}, {entry['end']}) {what}")
+            raise CorruptCheckpointError(f"{path}: center shard {entry['file']} [{entry['start']}, {entry['end']}) "
+                                         f"{what}")
         covered = entry["end"]
     if covered != manifest["num_classes"]:
-        raise InputError(f"{path}: center shards cover [0, {covered}), not [0, {manifest['num_classes']})")
+        raise CorruptCheckpointError(f"{path}: center shards cover [0, {covered}), not [0, {manifest['num_classes']})")
 
 
 def _check_against_head(manifest: dict[str, Any], path: Path, head: nn.Module) -> None:
@@ -495,17 +564,18 @@ def _check_sizes(directory: Path, manifest: dict[str, Any]) -> None:
     for name, meta in sorted(manifest["files"].items()):
         file = directory / name
         if not file.is_file():
-            raise MissingInputError(f"checkpoint file {file} is missing (listed in {directory / MANIFEST})")
+            raise CorruptCheckpointError(f"checkpoint file {file} is missing (listed in {directory / MANIFEST})")
         size = file.stat().st_size
         if size != meta["size"]:
-            raise InputError(f"checkpoint file {file} has {size} bytes, the manifest says {meta['size']}: "
+            raise CorruptCheckpointError(f"checkpoint file {file} has {size} bytes, the manifest says {meta['size']}: "
                              "truncated or overwritten")
 
 
 def _check_hashes(directory: Path, manifest: dict[str, Any], names: list[str]) -> None:
     for name in names:
         if _sha256(directory / name) != manifest["files"][name]["sha256"]:
-            raise InputError(f"checkpoint file {directory / name} is corrupt: its sha256 differs from the manifest's")
+            raise CorruptCheckpointError(f"checkpoint file {directory / name} is corrupt: its sha256 differs from "
+                                         "the manifest's")
 
 
 def _open_checkpoint(comm: Communicator, path: PathLike, head: Optional[nn.Module]) -> tuple[Path, dict]:
@@ -520,11 +590,39 @@ def _open_checkpoint(comm: Communicator, path: PathLike, head: Optional[nn.Modul
         _check_sizes(directory, manifest)
         return str(directory), manifest
 
-    directory, manifest = _run_on_root(comm, validate)
+    directory, manifest = run_on_root(comm, validate, CheckpointError)
     directory = Path(directory)
     mine = sorted(manifest["files"])[comm.rank :: comm.world_size]
-    _on_every_rank(comm, lambda: _check_hashes(directory, manifest, mine))
+    on_every_rank(comm, lambda: _check_hashes(directory, manifest, mine), CheckpointError)
     return directory, manifest
+
+
+def _candidates(path: PathLike) -> tuple[bool, list[str]]:
+    """(named explicitly, checkpoints to try in order): `path` itself when it is a checkpoint folder, else the
+    complete checkpoints under it, newest first."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or STEP_DIR.match(path.name):
+        return True, [str(path)]
+    found = [str(directory) for directory, _ in _checkpoints_newest_first(path)]
+    if not found:
+        raise MissingInputError(f"no complete checkpoint in {path}")
+    return False, found
+
+
+def _open_newest_valid(comm: Communicator, path: PathLike, head: nn.Module) -> tuple[Path, dict, list[str]]:
+    """Open the checkpoint `path` names, or the newest valid one under the root `path`, passing over corrupt ones
+    (each with its reason, returned); every rank takes the same decisions."""
+    explicit, candidates = run_on_root(comm, lambda: _candidates(path), CheckpointError)
+    skipped: list[str] = []
+    for candidate in candidates:
+        try:
+            directory, manifest = _open_checkpoint(comm, candidate, head)
+            return directory, manifest, skipped
+        except CorruptCheckpointError as error:
+            if explicit:
+                raise
+            skipped.append(str(error))
+    raise CorruptCheckpointError(f"no valid checkpoint in {path}: " + "; ".join(skipped))
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -647,12 +745,13 @@ def load_checkpoint(
     scaler: Any = None,
     seed: Optional[int] = None,
 ) -> TrainingState:
-    """Restore training from `path` (a checkpoint, or a root whose latest one is taken) on every rank (a collective).
+    """Restore training from `path` on every rank (a collective): a checkpoint folder exactly, or a root's newest
+    valid checkpoint (a corrupt newer one is passed over and reported in `TrainingState.skipped`).
 
     On another world size the centers are resharded and the RNGs re-seeded from (`seed`, step, rank);
     `seed` defaults to the saved config's "seed", else 0. Every rank raises the same error on bad files.
     """
-    directory, manifest = _open_checkpoint(comm, path, head)
+    directory, manifest, skipped = _open_newest_valid(comm, path, head)
     saved_world = manifest["world_size"]
 
     def restore() -> TrainingState:
@@ -676,7 +775,7 @@ def load_checkpoint(
             (entry["start"], entry["end"]) for entry in manifest["centers"]}
         state = TrainingState(step=training["step"], epoch=training["epoch"], config=manifest["config"],
                               extra=training["extra"], resharded=saved_world != comm.world_size or not same_shards,
-                              path=directory, saved_world_size=saved_world)
+                              path=directory, saved_world_size=saved_world, skipped=skipped)
         if saved_world == comm.world_size:
             ranked = _load(directory / manifest["rank_files"][comm.rank])
             _restore_rng(ranked["rng"], comm, head)
@@ -691,7 +790,7 @@ def load_checkpoint(
             _restore_sampler(sampler, ranked["sampler"], saved_world, state.epoch, comm, state)
         return state
 
-    return _on_every_rank(comm, restore)
+    return on_every_rank(comm, restore, CheckpointError)
 
 
 def load_backbone_state(path: PathLike) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     # --- arcface_torch configs/base.py, same meanings and defaults ---
     "margin_list": (1.0, 0.5, 0.0),  # combined margin (m1, m2, m3): s*(cos(m1*t + m2) - m3); (1,0,0.4) is CosFace
     "network": "r50",  # backbone name in partial_fc.backbones
-    "resume": False,  # continue from the checkpoint in `output`
+    "resume": False,  # continue from the newest checkpoint in `output`; "auto": only if there is one (restarts)
     "save_all_states": False,  # also save head shards, optimizer and scheduler each epoch (needed for resume)
     "output": "ms1mv3_arcface_r50",  # run folder: logs, tensorboard, checkpoints; None -> work_dirs/<config name>
     "embedding_size": 512,  # backbone output features
@@ -75,9 +75,11 @@ DEFAULTS: dict[str, Any] = {
     "sync_bn": False,  # BatchNorm statistics over every rank's batch (a step then equals one process exactly)
     "clip_grad_norm": 5.0,  # backbone gradient-norm clip (arcface_torch hard-codes 5); 0 disables
     "max_nonfinite_steps": 5,  # stop after this many non-finite losses/gradients in a row
+    "max_bad_records": 10,  # records that cannot be used (skipped, slot refilled); one more stops the run
     "stall_timeout": 60.0,  # seconds without a finished step after which the job ends, naming the stalled rank
     "keep_checkpoints": 3,  # checkpoints kept in `output`; older ones are deleted
     "checkpoint_every": 0,  # save every this many steps; 0 = at each epoch end
+    "on_save_error": "stop",  # a checkpoint that cannot be written: stop the run, or continue (retry at the next)
     "perf_steps": 0,  # time this many steps and report throughput, then stop; 0 = off
     "profile": False,  # record a torch.profiler trace in `output`
     "lr_power": 1.0,  # power of the polynomial decay after warmup (arcface_torch's PolyScheduler: 1)
@@ -92,14 +94,17 @@ SECRET_KEYS = frozenset({"wandb_key"})
 OPTIMIZERS = ("sgd", "adamw")
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 AMP_DTYPES = ("float16", "bfloat16")
+ON_SAVE_ERROR = ("stop", "continue")
 
 # Old arcface_torch configs name the loss instead of giving margin_list; both used s = 64.
 LEGACY_LOSSES = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4)}
 
 _NULLABLE = frozenset({"output", "suffix_run_name", "notes", "val_dir", "init_weights"})
-_SPECIAL_KINDS = {"margin_list": "floats", "val_targets": "strs", "warmup_epoch": "number"}
+_SPECIAL_KINDS = {"margin_list": "floats", "val_targets": "strs", "warmup_epoch": "number", "resume": "switch"}
+SWITCH_AUTO = "auto"
 _KIND_TEXT = {
     "bool": "true or false",
+    "switch": f"true, false or {SWITCH_AUTO!r}",
     "int": "an integer",
     "float": "a number",
     "number": "a number",
@@ -139,7 +144,9 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
     if value is None and key in _NULLABLE:
         return None
     kind = _kind(key)
-    if kind == "bool" and isinstance(value, bool):
+    if kind in ("bool", "switch") and isinstance(value, bool):
+        return value
+    if kind == "switch" and value == SWITCH_AUTO:
         return value
     if kind == "int" and _is_number(value) and float(value).is_integer():
         return int(value)
@@ -169,8 +176,10 @@ def parse_value(key: str, text: str, source: str) -> Any:
     if key in _NULLABLE and stripped.lower() in ("none", "null"):
         return None
     kind = _kind(key)
+    if kind == "switch" and stripped.lower() == SWITCH_AUTO:
+        return SWITCH_AUTO
     try:
-        if kind == "bool":
+        if kind in ("bool", "switch"):
             if stripped.lower() in _TRUE:
                 return True
             if stripped.lower() in _FALSE:
@@ -330,6 +339,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "warmup_epoch": (lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
     "num_workers": (lambda v: v >= 0, ">= 0"),
+    "max_bad_records": (lambda v: v >= 0, ">= 0 (0: the first bad record stops the run)"),
     "seed": (lambda v: v >= 0, ">= 0"),
     "clip_grad_norm": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
     "stall_timeout": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
@@ -342,6 +352,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "backend": (lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
     "storage_dtype": (lambda v: v in STORAGE_DTYPES, f"one of {', '.join(STORAGE_DTYPES)}"),
     "amp_dtype": (lambda v: v in AMP_DTYPES, f"one of {', '.join(AMP_DTYPES)}"),
+    "on_save_error": (lambda v: v in ON_SAVE_ERROR, f"one of {', '.join(ON_SAVE_ERROR)}"),
     "rec": (bool, "a non-empty path"),
     "output": (bool, "a non-empty path"),
     "margin_list": (

@@ -2,13 +2,13 @@
 
 The line carries samples per second (all ranks), loss and backbone gradient norm (means over the window),
 learning rate, epoch, step, loss scale and the time left at the window's pace; the same numbers, unrounded,
-go to `metrics.jsonl`. Phase timing (data, backbone, head, communication) is collected in perf mode only,
+go to `metrics.jsonl`. A full or read-only disk does not stop training: each writer warns once and goes quiet
+(see `run_files`). Phase timing (data, backbone, head, communication) is collected in perf mode only,
 where each phase is closed with a device synchronisation.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from partial_fc.engine.run_files import MetricsFile, TensorBoardFile
+from partial_fc.fileio import os_error_cause
+from partial_fc.progress import print_line
 
 PHASES = ("data", "backbone", "head", "communication", "optimizer")
 
@@ -85,28 +89,33 @@ class TrainMonitor:
         (continued when ``resuming``, started afresh otherwise)."""
         self.rank, self.world_size = rank, world_size
         self.total_steps, self.frequent = total_steps, frequent
-        self.writer = None
-        self.metrics = None
+        self.writer: TensorBoardFile | None = None
+        self.metrics: MetricsFile | None = None
+        self._print_failed = False
         if rank == 0 and output is not None:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(output / "tensorboard"))
-            self.metrics = open(output / "metrics.jsonl", "a" if resuming else "w", encoding="utf-8")
+            self.writer = TensorBoardFile(output / "tensorboard")
+            self.metrics = MetricsFile(output / "metrics.jsonl", append=resuming)
         self._window_start = time.perf_counter()
         self._window_samples = 0
         self._losses: list[float] = []
         self._grad_norms: list[float] = []
 
     def print(self, message: str) -> None:
-        """One line on rank 0."""
-        if self.rank == 0:
+        """One line on rank 0; a log file on a full disk is warned about once (on stderr), not a crash."""
+        if self.rank != 0:
+            return
+        try:
             print(message, flush=True)
+        except OSError as error:
+            if not self._print_failed:
+                self._print_failed = True
+                print_line(f"partial-fc: warning: cannot write the log (standard output): {os_error_cause(error)}; "
+                           "training goes on")
 
     def scalars(self, step: int, **values: float) -> None:
         """TensorBoard scalars on rank 0."""
         if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+            self.writer.scalars(step, values)
 
     def step(self, step: int, epoch: int, loss: float, lr: float, samples: int, grad_norm: float,
              loss_scale: float | None) -> None:
@@ -132,8 +141,7 @@ class TrainMonitor:
             values["loss_scale"] = loss_scale
         self.scalars(step, **values)
         if self.metrics is not None:
-            self.metrics.write(json.dumps({"step": step, "epoch": epoch, **values}) + "\n")
-            self.metrics.flush()
+            self.metrics.write({"step": step, "epoch": epoch, **values})
         self._window_start, self._window_samples, self._losses, self._grad_norms = time.perf_counter(), 0, [], []
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ rank unless ``sync_bn``).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
@@ -34,16 +35,23 @@ from partial_fc.comm.timed import TimedCommunicator
 from partial_fc.data.datasets import ImageFolderDataset, RandomFaceDataset, RecordFaceDataset
 from partial_fc.data.loader import build_loader, device_batch
 from partial_fc.data.sampler import DistributedEpochSampler
-from partial_fc.engine.checkpoint import find_latest, load_backbone_state, load_checkpoint, save_checkpoint
-from partial_fc.engine.config import agree_on_config, changed_keys, config_to_dict
+from partial_fc.engine.agreement import run_on_root
+from partial_fc.engine.checkpoint import (CheckpointSaveError, clean_leftovers, find_latest, load_backbone_state,
+                                          load_checkpoint, save_checkpoint)
+from partial_fc.engine.config import SWITCH_AUTO, agree_on_config, changed_keys, config_to_dict
 from partial_fc.engine.distributed import distribute_backbone
 from partial_fc.engine.monitor import PhaseTimer, TrainMonitor
 from partial_fc.engine.preemption import StopSignals, TrainingPreempted
+from partial_fc.engine.run_lock import OutputFolderError, RunLock
 from partial_fc.engine.schedule import PolyWarmupSchedule
+from partial_fc.engine.shared_folder import check_shared_folder
+from partial_fc.engine.skipped_records import SkippedRecords
 from partial_fc.engine.validation import Verifier, load_verification_sets
 from partial_fc.engine.watchdog import StepWatchdog
 from partial_fc.errors import InputError, MissingInputError, PartialFCError
+from partial_fc.fileio import atomic_path, os_error_cause
 from partial_fc.heads import CombinedMargin, NonFiniteEmbeddings, PartialFC, SparseAdamW, SparseSGD
+from partial_fc.progress import print_line
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -64,6 +72,7 @@ class TrainResult:
     verification: dict[str, float] = field(default_factory=dict)
     best_verification: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
+    bad_records: int = 0  # distinct records skipped because they could not be used
     checkpoint: str | None = None
     seconds: float = 0.0
     samples_per_second: float = 0.0
@@ -80,9 +89,12 @@ def build_dataset(cfg: EasyDict) -> Any:
     root = Path(rec)
     size = (cfg.image_size, cfg.image_size)
     if (root / "train.rec").is_file():
-        dataset = RecordFaceDataset(root, image_size=size, flip=True)
+        dataset = RecordFaceDataset(root, image_size=size, flip=True, max_bad_per_batch=cfg.max_bad_records)
+        if len(dataset.cut_off) > cfg.max_bad_records:
+            raise InputError(f"{len(dataset.cut_off)} records of {rec} are cut off by a truncated .rec, more than "
+                             f"max_bad_records={cfg.max_bad_records} (the first: {dataset.cut_off[0]})")
     elif root.is_dir() and not (root / "train.idx").exists():
-        dataset = ImageFolderDataset(root, image_size=size, flip=True)
+        dataset = ImageFolderDataset(root, image_size=size, flip=True, max_bad_per_batch=cfg.max_bad_records)
     else:
         raise MissingInputError(f"rec={rec!r}: no {root / 'train.rec'} (with train.idx) and not an image folder; "
                                 "make one with `partial-fc make-synthetic --out DIR` or `partial-fc im2rec`")
@@ -130,6 +142,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _write_config(path: Path, cfg: EasyDict) -> None:
+    """``config.json``: the run's config, replaced atomically; OutputFolderError naming the file when it cannot be."""
+    try:
+        with atomic_path(path) as temporary:
+            Path(temporary).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise OutputFolderError(f"cannot write {path}: {os_error_cause(error)}") from error
+
+
 class _PerfWindow:
     """Perf mode's measured stretch: ``steps`` steps after ``WARMUP_PERF_STEPS`` untimed ones."""
 
@@ -157,6 +178,7 @@ class Trainer:
 
     def __init__(self, cfg: EasyDict, comm: Communicator):
         agree_on_config(cfg, comm)
+        check_shared_folder(Path(cfg.output), comm)
         self.cfg, self.device = cfg, comm.device
         self.output = Path(cfg.output)
         self.perf_steps = int(cfg.perf_steps)
@@ -192,10 +214,13 @@ class Trainer:
         self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, num_workers=cfg.num_workers,
                                    seed=cfg.seed)
         self.step, self.skipped, self.nonfinite_in_a_row = 0, 0, 0
-        if comm.rank == 0:
-            self.output.mkdir(parents=True, exist_ok=True)
+        self.run_lock: RunLock | None = None
+        claimed = run_on_root(comm, self._claim_output)
         self.monitor = TrainMonitor(comm.rank, comm.world_size, self.total_steps, cfg.frequent, self.output,
                                     resuming=bool(cfg.resume))
+        for line in claimed:
+            self.monitor.print(line)
+        self.skipped_records = SkippedRecords(self.comm, cfg.max_bad_records, str(cfg.rec), self.monitor.print)
         self.stop_signals = StopSignals(comm.rank)
         self.watchdog = StepWatchdog(comm.rank, comm.world_size, self.output / "heartbeat", cfg.stall_timeout,
                                      locate=lambda: self.timer.current)
@@ -205,12 +230,39 @@ class Trainer:
     def checkpoint_root(self) -> Path:
         return self.output / "checkpoints"
 
+    def _claim_output(self) -> list[str]:
+        """Rank 0: lock the output folder for this run, tidy a dead run's leftover saves, and write config.json,
+        which so describes the run that owns the checkpoints; returns the lines to report."""
+        self.run_lock = RunLock.acquire(self.output)
+        try:
+            tidied = clean_leftovers(self.checkpoint_root)
+            _write_config(self.output / "config.json", self.cfg)
+        except BaseException:
+            self.run_lock.release()
+            self.run_lock = None
+            raise
+        self.run_lock.start_heartbeat()
+        gone = self.run_lock.took_over
+        return ([f"took over {self.output} from a run that is gone ({gone.describe()})"] if gone else []) + tidied
+
+    def close(self) -> None:
+        """Close the run's files and free the output folder for the next run; safe to call more than once."""
+        self.monitor.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
     def resume(self) -> None:
-        """Continue from the newest checkpoint in ``output/checkpoints`` (on any number of ranks)."""
+        """Continue from the newest valid checkpoint in ``output/checkpoints`` (on any number of ranks; a corrupt
+        newer one is reported and passed over); with ``resume="auto"`` start afresh when there is none yet (a
+        restart after an early failure)."""
         path = find_latest(self.checkpoint_root)
+        if path is None and self.cfg.resume == SWITCH_AUTO:
+            self.monitor.print(f"resume=auto: no checkpoint in {self.checkpoint_root} yet, starting at step 0")
+            return
         if path is None:
             raise MissingInputError(f"resume=True but {self.checkpoint_root} holds no complete checkpoint")
-        state = load_checkpoint(path, comm=self.comm, backbone=self.backbone,
+        state = load_checkpoint(self.checkpoint_root, comm=self.comm, backbone=self.backbone,
                                 backbone_optimizer=self.backbone_optimizer, head=self.head,
                                 head_optimizer=self.head_optimizer, scheduler=self.schedule,
                                 sampler=self.sampler, scaler=self.scaler)
@@ -218,7 +270,10 @@ class Trainer:
             raise InputError(f"{state.path} is at step {state.step}, and this plan ends at step {self.total_steps} "
                              f"(num_epoch={self.cfg.num_epoch}): nothing is left to train; raise num_epoch to go on")
         self.step = state.step
-        self.monitor.print(f"resumed from {state.path} at step {state.step}, epoch {state.epoch}"
+        for reason in state.skipped:
+            self.monitor.print(f"warning: passed over a corrupt checkpoint: {reason}")
+        self.monitor.print(f"resumed from {state.path}{' (the newest valid checkpoint)' if state.skipped else ''} "
+                           f"at step {state.step}, epoch {state.epoch}"
                            + (f" (saved on {state.saved_world_size} ranks, re-sharded)" if state.resharded else "")
                            + "".join(f"; {note}" for note in state.notes))
         changes = changed_keys(state.config, config_to_dict(self.cfg), ignore=("resume",))
@@ -226,14 +281,32 @@ class Trainer:
             self.monitor.print(f"config changed since the checkpoint: {'; '.join(changes)}; the learning rate of "
                                f"step {state.step + 1} is now {self.schedule.lr_at(state.step):.6g}")
 
-    def save(self) -> Path:
-        """A checkpoint of everything needed to continue exactly (a collective)."""
+    def save(self, final: bool = False) -> Path | None:
+        """A checkpoint of everything needed to continue exactly (a collective). When it cannot be written every
+        rank stops with the error (``on_save_error=stop``, and always for the ``final`` one), or warns and returns
+        None, to try again at the next checkpoint (``continue``)."""
         with self.watchdog.slow("checkpoint"):
-            return save_checkpoint(self.checkpoint_root, comm=self.comm, step=self.step, epoch=self.sampler.epoch,
-                                   backbone=self.backbone, backbone_optimizer=self.backbone_optimizer,
-                                   head=self.head, head_optimizer=self.head_optimizer, scheduler=self.schedule,
-                                   sampler=self.sampler, scaler=self.scaler, config=config_to_dict(self.cfg),
-                                   keep=self.cfg.keep_checkpoints)
+            try:
+                return save_checkpoint(self.checkpoint_root, comm=self.comm, step=self.step,
+                                       epoch=self.sampler.epoch, backbone=self.backbone,
+                                       backbone_optimizer=self.backbone_optimizer, head=self.head,
+                                       head_optimizer=self.head_optimizer, scheduler=self.schedule,
+                                       sampler=self.sampler, scaler=self.scaler, config=config_to_dict(self.cfg),
+                                       keep=self.cfg.keep_checkpoints)
+            except CheckpointSaveError as error:  # raised alike on every rank, so every rank decides alike
+                if self.cfg.on_save_error == "stop" or final:
+                    why = "on_save_error=stop" if self.cfg.on_save_error == "stop" else "the run's last checkpoint"
+                    raise TrainingStopped(f"{error}; stopped after step {self.step} ({why}): make room or fix the "
+                                          "folder, then continue with --resume") from error
+                print_line(f"partial-fc: warning: rank {self.comm.rank}: {error}; training goes on "
+                           "(on_save_error=continue) and the next checkpoint tries again")
+                return None
+
+    def _save_into(self, result: TrainResult, final: bool = False) -> None:
+        """Save and record the checkpoint in ``result`` (left as it was when a failed save lets training go on)."""
+        saved = self.save(final)
+        if saved is not None:
+            result.checkpoint = str(saved)
 
     # ------------------------------------------------------------------------------------------------- step
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -325,6 +398,7 @@ class Trainer:
         finally:
             self.watchdog.stop()
             self.stop_signals.uninstall()
+            self.close()
         if result.stopped_by and self.step < self.total_steps:
             where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
             self.monitor.print(f"stopped by {result.stopped_by} after step {self.step} of {self.total_steps}{where}; "
@@ -360,9 +434,10 @@ class Trainer:
         else:
             result.samples_per_second = self.step * samples_per_step / max(result.seconds, 1e-9)
             if result.checkpoint is None or Path(result.checkpoint).name != f"step_{self.step:08d}":
-                result.checkpoint = str(self.save())
+                self._save_into(result, final=True)
         self.monitor.close()
         result.steps, result.epochs, result.skipped_steps = self.step, self.step // self.steps_per_epoch, self.skipped
+        result.bad_records = len(self.skipped_records)
         result.best_verification = dict(self.verifier.best)
         return result
 
@@ -377,6 +452,7 @@ class Trainer:
                 batch = next(batches, None)
             if batch is None:
                 break
+            self.skipped_records.agree(getattr(batch, "bad_records", ()), self.step + 1)  # before any rank trains
             micro += 1
             last = micro % cfg.gradient_acc == 0
             loss = self._micro_step(batch, last)
@@ -413,11 +489,11 @@ class Trainer:
             if self.step % cfg.verbose == 0 or self.step == self.total_steps:
                 result.verification = self._evaluate()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                result.checkpoint = str(self.save())
+                self._save_into(result)
             if self.step >= self.total_steps:
                 return
         if not cfg.checkpoint_every and perf is None:
-            result.checkpoint = str(self.save())
+            self._save_into(result)
 
     def _profiler(self) -> Any:
         """A torch.profiler over a few steps writing a Chrome trace per rank to ``output/profile``."""

@@ -25,6 +25,13 @@ from partial_fc.progress import print_line
 STALLED_STATUS = 76
 SLOW_PHASE_FACTOR = 10
 SLOW_PHASES = frozenset({"startup", "evaluation", "checkpoint"})
+UNWATCHED_COLLECTIVE_TIMEOUT = 1800.0
+
+
+def collective_timeout(stall_timeout: float) -> float:
+    """How long a collective may wait for a peer (gloo, NCCL, Horovod): a backstop behind the watchdog, longer
+    than any phase it allows, so the watchdog's message naming the stalled rank always comes first."""
+    return 2 * SLOW_PHASE_FACTOR * stall_timeout if stall_timeout > 0 else UNWATCHED_COLLECTIVE_TIMEOUT
 
 
 class StepWatchdog:

@@ -1,0 +1,37 @@
+"""Whole jobs as a user starts them (run.sh, config.sh under a launcher), on a tiny generated face set."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.launchers import REPO, _environment
+from tests.test_train import IDENTITIES, PER_ID
+
+
+def run_settings(data: Path, output: Path, **extra) -> dict[str, str]:
+    """A tiny run as PFC_ variables (config.sh and run.sh pass these to every rank on every host)."""
+    values = dict(rec=data, output=output, num_classes=IDENTITIES, num_image=IDENTITIES * PER_ID, batch_size=16,
+                  embedding_size=32, num_workers=0, frequent=1, verbose=1000, num_epoch=1, warmup_epoch=0,
+                  sample_rate=0.5, network="r10_nano", val_targets="[]")
+    values.update(extra)
+    return {f"PFC_{key.upper()}": str(value) for key, value in values.items()}
+
+
+def run(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command from the repository with the test environment; a hang fails the test."""
+    try:
+        return subprocess.run(argv, cwd=REPO, env=_environment(env), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"hung for {timeout} s: {' '.join(argv)}\n{error.stdout}\n{error.stderr}")
+
+
+def finish(job: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:
+    """The started job's (stdout, stderr) once it ends; one that outlives `timeout` is killed and fails the test."""
+    try:
+        return job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail(f"{what} for {timeout} s: {job.communicate()}")
