@@ -1,5 +1,6 @@
-"""Automatic restart: a rank killed mid-run, and the job started again by run.sh's MAX_RESTARTS (mpirun) or by
-torchrun's --max-restarts, continues from the newest checkpoint to the same last step, loss for loss."""
+"""Automatic restart: a rank killed mid-run, and the job started again by run.sh's MAX_RESTARTS (mpirun,
+horovodrun) or by torchrun's --max-restarts, continues from the newest checkpoint to the same last step, loss
+for loss; what must not be restarted (a bad input, a stop on request) is not."""
 
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ def uninterrupted(faceset, tmp_path_factory) -> dict[int, float]:
     return losses(output)
 
 
-@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun", "torchrun"])
 def test_a_killed_rank_is_restarted_from_the_newest_checkpoint(faceset, uninterrupted, tmp_path, launcher):
-    require("mpirun")
+    require("horovodrun-mpi" if launcher == "horovodrun" else "mpirun")
     output = tmp_path / "out"
     env = settings(faceset, output, MAX_RESTARTS="2", LAUNCHER=launcher)
     job = subprocess.Popen(["bash", "run.sh"], cwd=REPO, env=_environment(env), stdout=subprocess.PIPE,
@@ -50,7 +51,7 @@ def test_a_killed_rank_is_restarted_from_the_newest_checkpoint(faceset, uninterr
     seconds = time.monotonic() - killed_at
     (tmp_path / "stderr.txt").write_text(stderr)
     assert job.returncode == 0, stdout[-1500:] + stderr[-3000:]
-    if launcher == "mpirun":
+    if launcher != "torchrun":  # run.sh's loop; torchrun restarts its workers itself
         assert "restart 1 of 2 on 2 ranks" in stderr
     assert re.search(r"resumed from \S+step_0000000[89] at step [89]", stdout), stdout[-3000:]
     assert losses(output) == uninterrupted  # every step to the last, loss for loss (resumed steps replace)
