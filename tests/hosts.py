@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
+
+from tests.launchers import RANK_VARIABLES
 
 SSH_SHIM = """#!/bin/sh
 # ssh for simulated hosts: skip ssh's options (before and after the host, as ssh does), run the command in
@@ -98,6 +101,20 @@ class Hosts:
             mount = 'mkdir -p "$0" && mount -t tmpfs local-disk "$0" && shift && exec "$@"'
             return [*command, "sh", "-c", mount, str(self.disk), "--", *argv]
         return [*command, *argv]
+
+    def rank_process(self, index: int, rank: int) -> psutil.Process | None:
+        """The training process of `rank` on host `index` (remote daemons are not the launcher's descendants)."""
+        pids = subprocess.run(["ip", "netns", "pids", self.namespaces[index]], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            try:
+                process = psutil.Process(int(pid))
+                environ, cmdline = process.environ(), " ".join(process.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if "partial_fc" in cmdline and any(environ.get(name) == str(rank) for name in RANK_VARIABLES):
+                return process
+        return None
 
     def lose(self, index: int) -> None:
         """The host dies: every process in it is killed and the host disappears from the network."""

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.e2e.jobs import finish, run, run_settings
 from tests.hosts import simulated_hosts
-from tests.launchers import REPO, _environment, require
+from tests.launchers import REPO, _environment, require, wait_for_step
 from tests.test_train import metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
@@ -122,3 +124,31 @@ def test_run_sh_restarts_without_a_lost_host_and_finishes_the_plan(faceset, tmp_
     assert [row["step"] for row in rows[start - 40:]] == list(range(start + 1, 41))
     assert rows[-1]["epoch"] == 2
     print(f"lost host: the job finished its plan on 2 ranks {recovered:.1f} s after the loss")
+
+
+@pytest.mark.parametrize("fault", ["stalled rank", "stop request"])
+def test_a_stalled_rank_or_a_stop_across_hosts_ends_the_job_cleanly(faceset, tmp_path, fault):
+    """Rank 1 on the second host stopped (SIGSTOP), or run.sh on the first host asked to stop (SIGTERM)."""
+    require("mpirun")
+    output = tmp_path / "out"
+    with simulated_hosts(2, tmp_path) as hosts:
+        env = {**hosts.env(), **run_settings(faceset, output, num_epoch=30, stall_timeout=5), "NP": "2",
+               "HOSTS": hosts.host_list(), "NET_IF": "eth0", "PARTIAL_FC_COMM": "torch"}
+        job = subprocess.Popen(hosts.on(0, ["bash", "run.sh"]), cwd=REPO, env=_environment(env),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        wait_for_step(output, 5, job)
+        target = hosts.rank_process(1, 1) if fault == "stalled rank" else psutil.Process(job.pid)
+        assert target is not None
+        target.send_signal(signal.SIGSTOP if fault == "stalled rank" else signal.SIGTERM)
+        since = time.monotonic()
+        stdout, stderr = finish(job, 120, f"the job did not end after the {fault}")
+        seconds = time.monotonic() - since
+    if fault == "stalled rank":
+        assert job.returncode != 0 and "stalled: rank 1 (step " in stderr, stderr[-3000:]
+        assert seconds < 60, seconds
+    else:
+        assert job.returncode == 75, stderr[-3000:]
+        stopped = max(step for step in steps_of(output))
+        assert (output / "checkpoints" / f"step_{stopped:08d}").is_dir()
+        assert "continue with the same command and --resume" in stdout
+    print(f"{fault} across hosts: the job ended {seconds:.1f} s later, status {job.returncode}")
