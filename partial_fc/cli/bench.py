@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from partial_fc.cli import bench_data
+from partial_fc.cli import bench_data, bench_ijb
 from partial_fc.cli.common import add_head_options, head_from_options, print_rank0
 from partial_fc.comm import Communicator, ReduceOp, get_communicator
 from partial_fc.heads import PartialFC, SparseSGD
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     head.set_defaults(steps=10)
     bench_data.add_arguments(sub.add_parser("data", help="images per second per worker for read, decode, augment"))
+    bench_ijb.add_arguments(sub.add_parser("eval-ijb", help="IJB images/s (align + embed + flip) and pairs/s of scoring"))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -145,4 +146,6 @@ def run_head(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.target == "eval-ijb":
+        return bench_ijb.run(args)
     return run_head(args) if args.target == "head" else bench_data.run(args)

@@ -6,8 +6,8 @@ import argparse
 from typing import Sequence
 
 from partial_fc import __version__
-from partial_fc.cli import bench, check_data, demo, im2rec, make_synthetic, rebuild_idx, train, unpack
-from partial_fc.cli import embed as embed_cli, eval as eval_cli, export as export_cli
+from partial_fc.cli import align, bench, check_data, demo, im2rec, make_synthetic, rebuild_idx, train, unpack
+from partial_fc.cli import embed as embed_cli, eval as eval_cli, eval_ijb, export as export_cli
 from partial_fc.cli.common import fail
 from partial_fc.comm import close_communicator, exit_process
 from partial_fc.engine.preemption import TrainingPreempted
@@ -24,11 +24,13 @@ SUBCOMMANDS = {
         im2rec,
         "image folder -> .lst -> RecordIO face set (MXNet's im2rec, insightface's layout)",
     ),
+    "align": (align, "images + 5-point landmarks (insightface's IJB _5pts list) -> aligned ArcFace crops"),
     "unpack": (
         unpack,
         "RecordIO face sets -> id_<label>/<label>_<n>.jpg folders (unpack_glint360k.py)",
     ),
     "eval": (eval_cli, "verification accuracy, TAR@FAR and ROC of a trained backbone on .bin sets and pair lists"),
+    "eval-ijb": (eval_ijb, "IJB-B / IJB-C 1:1 TAR@FAR and 1:N identification of a backbone, as insightface publishes them"),
     "export": (export_cli, "a trained backbone as ONNX (dynamic batch), checked against torch with onnxruntime"),
     "embed": (embed_cli, "embeddings of image files, through the torch backbone or an exported ONNX model"),
 }
