@@ -98,7 +98,7 @@ trap forward_stop TERM INT
 # Train; with MAX_RESTARTS=N, a failed job (not a bad input, exit 2, nor a stop, exit 75) is started again
 # up to N times, on the hosts that still answer, from the newest valid checkpoint. torchrun restarts itself.
 restarts=0
-export PARTIAL_FC_JOB_ID="${PARTIAL_FC_JOB_ID:-run.sh-$(hostname)-$$-$(date +%s)}"
+export PARTIAL_FC_JOB_ID="${PARTIAL_FC_JOB_ID:-run.sh-${HOSTNAME:-host}-$$-$(date +%s)}"
 while :; do
     export PARTIAL_FC_ATTEMPT="$restarts"   # a restart takes over its earlier attempt's lock on output
     launch_command
