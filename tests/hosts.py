@@ -19,7 +19,7 @@ from typing import Iterator
 import psutil
 import pytest
 
-from tests.launchers import RANK_VARIABLES
+from tests.launchers import training_process_of
 
 SSH_SHIM = """#!/bin/sh
 # ssh for simulated hosts: skip ssh's options (before and after the host, as ssh does), run the command in
@@ -106,15 +106,13 @@ class Hosts:
         """The training process of `rank` on host `index` (remote daemons are not the launcher's descendants)."""
         pids = subprocess.run(["ip", "netns", "pids", self.namespaces[index]], capture_output=True,
                               text=True).stdout.split()
+        candidates = []
         for pid in pids:
             try:
-                process = psutil.Process(int(pid))
-                environ, cmdline = process.environ(), " ".join(process.cmdline())
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                candidates.append(psutil.Process(int(pid)))
+            except psutil.NoSuchProcess:
                 continue
-            if "partial_fc" in cmdline and any(environ.get(name) == str(rank) for name in RANK_VARIABLES):
-                return process
-        return None
+        return training_process_of(candidates, rank)
 
     def lose(self, index: int) -> None:
         """The host dies: every process in it is killed and the host disappears from the network."""

@@ -106,16 +106,21 @@ def worker(name: str) -> str:
     return str(WORKERS / name)
 
 
-def rank_process(launcher_pid: int, rank: int) -> psutil.Process | None:
-    """The training process of `rank` among the launcher's descendants, found by its launcher's variables."""
-    for child in psutil.Process(launcher_pid).children(recursive=True):
+def training_process_of(candidates: list[psutil.Process], rank: int) -> psutil.Process | None:
+    """The training process of `rank` among `candidates`, found by its launcher's variables."""
+    for process in candidates:
         try:
-            environ, cmdline = child.environ(), " ".join(child.cmdline())
+            environ, cmdline = process.environ(), " ".join(process.cmdline())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if "partial_fc" in cmdline and any(environ.get(name) == str(rank) for name in RANK_VARIABLES):
-            return child
+            return process
     return None
+
+
+def rank_process(launcher_pid: int, rank: int) -> psutil.Process | None:
+    """The training process of `rank` among the launcher's descendants."""
+    return training_process_of(psutil.Process(launcher_pid).children(recursive=True), rank)
 
 
 def wait_for_step(output: Path, step: int, process: subprocess.Popen, timeout: float = 120.0) -> None:
