@@ -160,6 +160,7 @@ def test_environment_defaults_to_os_environ(monkeypatch):
         ("fp16=No", "fp16", False),
         ("resume=1", "resume", True),
         ("resume=auto", "resume", "auto"),
+        ("resume=runs/a/checkpoints", "resume", "runs/a/checkpoints"),
         ("resume=Auto", "resume", "auto"),
         ("channels_last=yes", "channels_last", True),
         ("batch_size=256", "batch_size", 256),
@@ -282,6 +283,9 @@ BAD_VALUES = [
     ("margin_scale", "-1"),
     ("val_batch_size", "0"),
     ("image_size", "224"),
+    ("freeze_backbone_steps", "-1"),
+    ("backbone_lr_mult", "0"),
+    ("backbone_lr_mult", "nan"),
 ]
 
 

@@ -230,9 +230,11 @@ EXACT_VARIANTS = {
 }
 EXACT_SETTINGS = dict(network="plain_nano", sample_rate=1.0, num_epoch=1, warmup_epoch=0.5, checkpoint_every=5,
                       keep_checkpoints=4)
-# float32, the batch summed in another order: parameters agree to ~4e-5 after 20 steps here; optimizer state
-# (sums of gradients with cancellation, e.g. PReLU slopes) to ~3e-4. A wrong gradient scale is off by ~0.5.
-EXACT_TOLERANCE = {"parameters": 1e-4, "optimizer state": 1e-3}
+# float32, the batch summed in another order: parameters agree to ~5e-5 after 20 steps here; optimizer state
+# (sums of gradients with cancellation, e.g. PReLU slopes) to ~3e-4 on one CPU and 1.75e-3 on another (AdamW's
+# exp_avg at the last step, where the clipped gradients nearly cancel; GEMM kernels round differently per CPU).
+# A wrong gradient scale is off by ~0.5.
+EXACT_TOLERANCE = {"parameters": 1e-4, "optimizer state": 5e-3}
 
 
 def tolerance_of(name: str) -> float:

@@ -556,8 +556,11 @@ def _check_coverage(manifest: dict[str, Any], path: Path) -> None:
 def _check_against_head(manifest: dict[str, Any], path: Path, head: nn.Module) -> None:
     for key in ("num_classes", "embedding_size"):
         if manifest[key] != getattr(head, key):
+            hint = (f"; a checkpoint continues its own run: to fine-tune its backbone on this label set, start a "
+                    f"new run with init_weights={path.parent} (fresh centers) and resume off"
+                    if key == "num_classes" else "")
             raise InputError(f"{path}: checkpoint has {key}={manifest[key]}, the running head has "
-                             f"{key}={getattr(head, key)}")
+                             f"{key}={getattr(head, key)}{hint}")
 
 
 def _check_sizes(directory: Path, manifest: dict[str, Any]) -> None:

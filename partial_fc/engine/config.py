@@ -32,7 +32,8 @@ DEFAULTS: dict[str, Any] = {
     # --- arcface_torch configs/base.py, same meanings and defaults ---
     "margin_list": (1.0, 0.5, 0.0),  # combined margin (m1, m2, m3): s*(cos(m1*t + m2) - m3); (1,0,0.4) is CosFace
     "network": "r50",  # backbone name in partial_fc.backbones
-    "resume": False,  # continue from the newest checkpoint in `output`; "auto": only if there is one (restarts)
+    "resume": False,  # continue from the newest checkpoint in `output`; "auto": only if there is one (restarts);
+    # or a checkpoint folder (or a root of them) to continue from
     "save_all_states": False,  # also save head shards, optimizer and scheduler each epoch (needed for resume)
     "output": "ms1mv3_arcface_r50",  # run folder: logs, tensorboard, checkpoints; None -> work_dirs/<config name>
     "embedding_size": 512,  # backbone output features
@@ -86,7 +87,9 @@ DEFAULTS: dict[str, Any] = {
     "val_batch_size": 128,  # images per verification forward pass
     "image_size": 112,  # face crop side in pixels; only 112 is supported
     "val_dir": None,  # folder holding <target>.bin; None = rec
-    "init_weights": None,  # arcface_torch backbone.pth to start the backbone from
+    "init_weights": None,  # backbone weights to start from: an arcface_torch backbone.pth or a checkpoint (folder)
+    "freeze_backbone_steps": 0,  # fine-tuning: train only the centers for this many first steps (BatchNorm frozen)
+    "backbone_lr_mult": 1.0,  # the backbone's learning rate is the schedule's times this (the centers' is not)
     "margin_scale": 64.0,  # logit scale s of the combined margin (arcface_torch fixes 64)
 }
 
@@ -104,7 +107,7 @@ _SPECIAL_KINDS = {"margin_list": "floats", "val_targets": "strs", "warmup_epoch"
 SWITCH_AUTO = "auto"
 _KIND_TEXT = {
     "bool": "true or false",
-    "switch": f"true, false or {SWITCH_AUTO!r}",
+    "switch": f"true, false, {SWITCH_AUTO!r} or a checkpoint folder",
     "int": "an integer",
     "float": "a number",
     "number": "a number",
@@ -146,7 +149,7 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
     kind = _kind(key)
     if kind in ("bool", "switch") and isinstance(value, bool):
         return value
-    if kind == "switch" and value == SWITCH_AUTO:
+    if kind == "switch" and isinstance(value, str) and value:  # "auto" or a checkpoint folder
         return value
     if kind == "int" and _is_number(value) and float(value).is_integer():
         return int(value)
@@ -178,6 +181,8 @@ def parse_value(key: str, text: str, source: str) -> Any:
     kind = _kind(key)
     if kind == "switch" and stripped.lower() == SWITCH_AUTO:
         return SWITCH_AUTO
+    if kind == "switch" and stripped and stripped.lower() not in (*_TRUE, *_FALSE):
+        return stripped  # a checkpoint folder
     try:
         if kind in ("bool", "switch"):
             if stripped.lower() in _TRUE:
@@ -345,6 +350,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stall_timeout": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
     "checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = each epoch end)"),
     "perf_steps": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "freeze_backbone_steps": (lambda v: v >= 0, ">= 0 (0 = the backbone trains from the first step)"),
+    "backbone_lr_mult": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "lr_power": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "margin_scale": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "image_size": (lambda v: v == 112, "112 (the only supported face crop size)"),

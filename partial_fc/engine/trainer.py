@@ -207,7 +207,8 @@ class Trainer:
             self.raw_backbone, body_optimizer, comm, accumulation_steps=cfg.gradient_acc, sync_batchnorm=cfg.sync_bn)
         warmup = min(int(self.steps_per_epoch * cfg.warmup_epoch), self.total_steps - 1)
         self.schedule = PolyWarmupSchedule([self.backbone_optimizer, self.head_optimizer], cfg.lr,
-                                           self.total_steps, warmup, cfg.lr_power)
+                                           self.total_steps, warmup, cfg.lr_power,
+                                           lr_mults=[cfg.backbone_lr_mult, 1.0])
         self.amp_dtype = AMP_DTYPES[cfg.amp_dtype] if cfg.fp16 else None
         use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -252,17 +253,37 @@ class Trainer:
             self.run_lock.release()
             self.run_lock = None
 
+    def _resume_source(self) -> Path | None:
+        """The checkpoint folder (or root of them) ``resume`` names: ``output/checkpoints`` for true and auto, else
+        the given path; None when auto finds none. Backbone weights alone are refused, pointing at init_weights."""
+        resume = self.cfg.resume
+        source = self.checkpoint_root if resume is True or resume == SWITCH_AUTO else Path(resume)
+
+        def weights_hint(weights: Path) -> str:
+            return (f"backbone weights alone cannot continue a run; to start a new run (fresh centers, any "
+                    f"num_classes) from them set init_weights={weights} and leave resume off")
+
+        if source.is_file():
+            raise InputError(f"resume={source} is a file, not a checkpoint folder: {weights_hint(source)}")
+        if find_latest(source) is not None:
+            return source
+        if resume == SWITCH_AUTO:
+            return None
+        weights = sorted(source.glob("*.pth")) if source.is_dir() else []
+        if weights:
+            raise InputError(f"resume={resume}: {source} holds no partial_fc checkpoint but {weights[0].name}: "
+                             f"{weights_hint(weights[0])}")
+        raise MissingInputError(f"resume={resume} but {source} holds no complete checkpoint")
+
     def resume(self) -> None:
-        """Continue from the newest valid checkpoint in ``output/checkpoints`` (on any number of ranks; a corrupt
-        newer one is reported and passed over); with ``resume="auto"`` start afresh when there is none yet (a
-        restart after an early failure)."""
-        path = find_latest(self.checkpoint_root)
-        if path is None and self.cfg.resume == SWITCH_AUTO:
+        """Continue from the newest valid checkpoint in ``output/checkpoints`` or the folder ``resume`` names (on
+        any number of ranks; a corrupt newer one is reported and passed over); with ``resume="auto"`` start
+        afresh when there is none yet (a restart after an early failure)."""
+        source = run_on_root(self.comm, self._resume_source)
+        if source is None:
             self.monitor.print(f"resume=auto: no checkpoint in {self.checkpoint_root} yet, starting at step 0")
             return
-        if path is None:
-            raise MissingInputError(f"resume=True but {self.checkpoint_root} holds no complete checkpoint")
-        state = load_checkpoint(self.checkpoint_root, comm=self.comm, backbone=self.backbone,
+        state = load_checkpoint(source, comm=self.comm, backbone=self.backbone,
                                 backbone_optimizer=self.backbone_optimizer, head=self.head,
                                 head_optimizer=self.head_optimizer, scheduler=self.schedule,
                                 sampler=self.sampler, scaler=self.scaler)
@@ -326,6 +347,19 @@ class Trainer:
                                   f"{why} (max_nonfinite_steps={self.cfg.max_nonfinite_steps}); lower lr, "
                                   "use amp_dtype=bfloat16, or check the data")
 
+    @property
+    def backbone_frozen(self) -> bool:
+        """Whether the next step trains only the centers (``freeze_backbone_steps``, counted in optimizer steps)."""
+        return self.step < self.cfg.freeze_backbone_steps
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's embeddings: with autograd through the (distributed) backbone, or while it is frozen
+        without it, in eval mode (BatchNorm uses and keeps its running statistics) and with no gradient sync."""
+        frozen = self.backbone_frozen
+        self.raw_backbone.train(not frozen)
+        with self.timer.phase("backbone"), self._autocast(), torch.set_grad_enabled(not frozen):
+            return (self.raw_backbone if frozen else self.backbone)(images)
+
     def _micro_step(self, batch: Any, last: bool) -> float | None:
         """Forward and backward of one batch; None when the step must be skipped."""
         with self.timer.phase("data"):
@@ -334,9 +368,8 @@ class Trainer:
         images = images.contiguous(memory_format=layout)
         sync = contextlib.nullcontext() if last or not hasattr(self.backbone, "no_sync") else self.backbone.no_sync()
         with sync:
-            with self.timer.phase("backbone"), self._autocast():
-                embeddings = self.backbone(images)
-            features = embeddings.detach().float().requires_grad_()
+            embeddings = self._embed(images)
+            features = embeddings.detach().float().requires_grad_(not self.backbone_frozen)
             with self.timer.phase("head"):
                 try:
                     loss = self.head(features, labels)
@@ -346,6 +379,8 @@ class Trainer:
                 if not math.isfinite(loss_value):
                     return None
                 (loss / self.cfg.gradient_acc).backward()
+            if self.backbone_frozen:
+                return loss_value
             with self.timer.phase("backbone"):
                 grad = features.grad.to(embeddings.dtype)
                 embeddings.backward(self.scaler.scale(grad) if self.scaler is not None else grad)
@@ -353,7 +388,12 @@ class Trainer:
 
     def _optimizer_step(self) -> float | None:
         """Clip and step the backbone, step the centers; returns the norm of the backbone's global-batch gradient
-        before clipping (the same on every rank: gradients are averaged first), None when it is not finite."""
+        before clipping (the same on every rank: gradients are averaged first), None when it is not finite; only
+        the centers while the backbone is frozen (its norm is then 0)."""
+        if self.backbone_frozen:
+            with self.timer.phase("optimizer"):
+                self.head_optimizer.step()
+            return 0.0
         with self.timer.phase("communication"):
             if hasattr(self.backbone_optimizer, "synchronize"):  # Horovod: wait for the gradient all-reduce
                 self.backbone_optimizer.synchronize()
@@ -414,6 +454,9 @@ class Trainer:
         if cfg.rec != "synthetic" and cfg.num_image != len(self.dataset):
             self.monitor.print(f"note: num_image={cfg.num_image} in the config, but {cfg.rec} holds "
                                f"{len(self.dataset)} images; steps follow the data set")
+        if self.backbone_frozen:
+            self.monitor.print(f"backbone frozen until step {cfg.freeze_backbone_steps}: only the centers train, "
+                               "BatchNorm statistics stay as loaded")
         result = TrainResult(steps=0, epochs=0, loss=math.nan)
         profiler = self._profiler()
         start = time.perf_counter()
@@ -470,6 +513,9 @@ class Trainer:
                 continue
             self.nonfinite_in_a_row = 0
             self.step += 1
+            if self.step == cfg.freeze_backbone_steps and self.step < self.total_steps:
+                self.monitor.print(f"step {self.step}: backbone unfrozen, learning rate x{cfg.backbone_lr_mult:g} of "
+                                   "the centers'")
             self.watchdog.progress(self.step)
             self.schedule.step()
             result.loss, loss_sum = loss_sum / cfg.gradient_acc, 0.0
