@@ -3,10 +3,12 @@
 Each rank holds the logits of every gathered embedding against its own sampled centers, laid out
 [sampled classes, batch] so that every chunk of classes is a contiguous block. The softmax normaliser
 is assembled with one all-reduce of row maxima and one of sums. The logits buffer is reused in place for
-the probabilities and then for the gradient. The sampled centers are read from the shard chunk by chunk,
-in forward and again in backward, so no full copy of them outlives a chunk; only their gradient is
-handed to the optimizer through a `SampledRows` record (never as a dense `.grad`), or applied to the
-rows chunk by chunk during backward when the optimizer asks for that.
+the exponentials and then for the gradient; every pass over it that can runs a chunk at a time, right after
+that chunk's product while it is in cache, and the softmax's per-column division is applied to the small
+[batch, D] operands of backward's products instead of the buffer. The sampled centers are read from the
+shard chunk by chunk, in forward and again in backward, so no full copy of them outlives a chunk; only their
+gradient is handed to the optimizer through a `SampledRows` record (never as a dense `.grad`), or applied to
+the rows chunk by chunk during backward when the optimizer asks for that.
 
 Inter-class filtering (Partial FC v2, arcface_torch's `interclass_filtering_threshold` t > 0): a negative
 whose cosine exceeds t counts as cosine 0 in the softmax and passes no gradient. Such entries are set to
@@ -88,17 +90,20 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
     ) -> torch.Tensor:
         batch, sampled = embeddings.shape[0], index.numel()
         transposed_embeddings = embeddings.t()
-        # 1. cosines [S, B]: each chunk of centers times X^T, scaled by the centers' inverse norms.
+        # 1. scaled cosines s*cos [S, B], a chunk of centers at a time while it is in cache: gather, inverse
+        #    norms, W_chunk X^T, then each row times s / |w|.
         logits = embeddings.new_empty((sampled, batch))
         inverse_norms = embeddings.new_empty(sampled)
         for part in _chunks(sampled, workspace.shape[0]):
             centers = gather_rows(weight, index[part], workspace)
-            torch.linalg.vector_norm(centers, dim=1, out=inverse_norms[part])
-            _mm_into(logits[part], centers, transposed_embeddings, matmul_dtype)
-        inverse_norms.clamp_min_(_NORM_FLOOR).reciprocal_()
-        # 2. scaled cosines s*cos everywhere (one pass), then the margin at the positives this rank holds.
-        #    Only the positives are clamped to [-1, 1] (acos needs it); elsewhere rounding past 1 is harmless.
-        logits.mul_((inverse_norms * margin.s).unsqueeze(1))
+            norms = inverse_norms[part]
+            torch.linalg.vector_norm(centers, dim=1, out=norms)
+            norms.clamp_min_(_NORM_FLOOR).reciprocal_()
+            block = logits[part]
+            _mm_into(block, centers, transposed_embeddings, matmul_dtype)
+            block.mul_((norms * margin.s).unsqueeze(1))
+        # 2. the margin at the positives this rank holds. Only the positives are clamped to [-1, 1] (acos needs
+        #    it); elsewhere rounding past 1 is harmless.
         target_cosines = logits[cols, rows].div_(margin.s).clamp_(-1.0, 1.0)
         target_logits = margin.target_logit(target_cosines)
         filtered = None
@@ -111,20 +116,23 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
         if filtered is not None:
             row_max.masked_fill_((filtered > 0) & (row_max < 0), 0.0)
         comm.all_reduce(row_max, ReduceOp.MAX)
-        logits.sub_(row_max).exp_()
-        # 4. one all-reduce for both the global sum of exponentials and each row's positive logit.
+        # 4. exponentials in place and their sums, a chunk at a time; one all-reduce for both the global sum of
+        #    exponentials and each row's positive logit.
         sums = logits.new_zeros(2, batch)
-        torch.sum(logits, dim=0, out=sums[0])
+        for part in _chunks(sampled, workspace.shape[0]):
+            block = logits[part]
+            block.sub_(row_max).exp_()
+            sums[0].add_(block.sum(dim=0))
         if filtered is not None:
             sums[0].addcmul_(filtered, row_max.neg().exp_())
         sums[1, rows] = target_logits
         comm.all_reduce(sums, ReduceOp.SUM)
         sum_exp, positive_logits = sums[0], sums[1]
         loss = (sum_exp.log() + row_max - positive_logits).mean()
-        # 5. the probabilities, kept in the same buffer for the backward pass.
-        logits.div_(sum_exp)
-        ctx.save_for_backward(embeddings, index, inverse_norms, rows, cols, margin.target_grad(target_cosines))
-        ctx.probabilities = logits
+        # 5. the exponentials stay in the buffer for backward, which divides by their sums where it scales them.
+        ctx.save_for_backward(embeddings, index, inverse_norms, rows, cols, margin.target_grad(target_cosines),
+                              sum_exp)
+        ctx.exponentials = logits
         ctx.weight, ctx.weight_version = weight, weight._version
         ctx.sink = sink
         ctx.scale, ctx.matmul_dtype, ctx.workspace = margin.s, matmul_dtype, workspace
@@ -132,29 +140,43 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        embeddings, index, inverse_norms, rows, cols, target_slopes = ctx.saved_tensors
-        grad, weight, sink, workspace = ctx.probabilities, ctx.weight, ctx.sink, ctx.workspace
-        ctx.probabilities = ctx.sink = ctx.workspace = None
+        embeddings, index, inverse_norms, rows, cols, target_slopes, sum_exp = ctx.saved_tensors
+        grad, weight, sink, workspace = ctx.exponentials, ctx.weight, ctx.sink, ctx.workspace
+        ctx.exponentials = ctx.sink = ctx.workspace = None
         if weight._version != ctx.weight_version:
             raise RuntimeError("the PartialFC centers changed between forward and backward; step the optimizer after backward")
         # d loss / d cosine = s * (p - onehot) / B, or slope * (p - 1) / B at a positive, then through the
-        # division by each center's norm: one pass over the buffer, then the positives on their own.
+        # division by each center's norm. With p = e / sum_exp, the buffer (e) is scaled only per row (s / |w|)
+        # a chunk at a time; the per-column factor 1 / (B * sum_exp) goes onto the small [B, D] operands
+        # instead: G X = (E_r) (q X) and G^T W = q (E_r^T W). A positive's entry is stored divided by its q.
         per_sample = grad_loss / embeddings.shape[0]
-        target = (grad[cols, rows] - 1.0).mul_(target_slopes).mul_(inverse_norms[cols]).mul_(per_sample)
-        grad.mul_((inverse_norms * (ctx.scale * per_sample)).unsqueeze(1))
-        grad[cols, rows] = target
+        column_scale = per_sample / sum_exp
+        target = (grad[cols, rows] - sum_exp[rows]).mul_(target_slopes).mul_(inverse_norms[cols])
+        order = cols.argsort()
+        cols, rows, target = cols[order], rows[order], target[order]
+        row_scale = inverse_norms * ctx.scale
+        scaled_embeddings = embeddings * column_scale.unsqueeze(1) if sink is not None else None
         grad_embeddings = torch.zeros_like(embeddings) if ctx.needs_input_grad[0] else None
-        for part in _chunks(index.numel(), workspace.shape[0]):
-            centers = gather_rows(weight, index[part], workspace)
+        chunk = workspace.shape[0]
+        starts = torch.arange(0, index.numel() + chunk, chunk, device=cols.device)
+        bounds = torch.searchsorted(cols, starts).tolist()  # the positives of chunk k: bounds[k]:bounds[k + 1]
+        for number, part in enumerate(_chunks(index.numel(), chunk)):
             block = grad[part]
+            block.mul_(row_scale[part].unsqueeze(1))
+            lo, hi = bounds[number], bounds[number + 1]
+            if hi > lo:
+                block[cols[lo:hi] - part.start, rows[lo:hi]] = target[lo:hi]
+            centers = gather_rows(weight, index[part], workspace)
             if grad_embeddings is not None:
                 _mm_into(grad_embeddings, block.t(), centers, ctx.matmul_dtype, accumulate=True)
             if sink is None:
                 continue
             center_grad = sink.gradient_slot(part, embeddings)
-            _mm_into(center_grad, block, embeddings, ctx.matmul_dtype)
+            _mm_into(center_grad, block, scaled_embeddings, ctx.matmul_dtype)
             # through W / |W|: keep only the part of each center's gradient orthogonal to that center.
             radial = torch.linalg.vecdot(center_grad, centers).mul_(inverse_norms[part].square())
             center_grad.addcmul_(centers, radial.unsqueeze(1), value=-1.0)
             sink.accept(part, centers, center_grad)
+        if grad_embeddings is not None:
+            grad_embeddings.mul_(column_scale.unsqueeze(1))
         return grad_embeddings, None, None, None, None, None, None, None, None, None, None, None
