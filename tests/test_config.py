@@ -284,6 +284,7 @@ BAD_VALUES = [
     ("val_batch_size", "0"),
     ("image_size", "224"),
     ("freeze_backbone_steps", "-1"),
+    ("momentum_dtype", "float8"),
     ("backbone_lr_mult", "0"),
     ("backbone_lr_mult", "nan"),
 ]

@@ -3,13 +3,15 @@
 Prints one JSON line: median seconds of forward, backward and center update; the median of the same
 step's three products alone (W X^T, G^T W, G X at the sampled size, in the head's [classes, batch]
 layout), timed right after each step; and the largest peak memory of any rank over the head's steps
-(RSS on CPU, allocated bytes on GPU). Step and floor are each the slowest rank's median.
+(RSS on CPU, allocated bytes on GPU). Step and floor are each the slowest rank's median. The line also
+states the run's conditions (`partial_fc.perf.conditions`: load average, cores, threads, ranks, and the
+floor timed alone at start as a reference) and its `warnings`. A configuration whose estimated memory
+per rank (`partial_fc.perf.memory`) exceeds what is available is not run: the line says "does not fit".
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import time
 from typing import Callable
@@ -17,11 +19,14 @@ from typing import Callable
 import torch
 
 from partial_fc.cli import bench_data, bench_ijb
-from partial_fc.cli.common import add_head_options, head_from_options, print_rank0
+from partial_fc.cli.common import (STORAGE_DTYPES, add_head_options, center_sgd_from_options, head_from_options,
+                                  print_rank0)
 from partial_fc.comm import Communicator, ReduceOp, get_communicator
 from partial_fc.heads import PartialFC, SparseSGD
-
-GIB = 1024.0**3
+from partial_fc.heads.sharding import shard_range
+from partial_fc.perf.conditions import BenchConditions, print_warnings
+from partial_fc.perf.memory import GIB, available_bytes_per_rank, does_not_fit_message, estimate_head_memory
+from partial_fc.perf.memory import in_use_bytes, peak_bytes, reset_peak
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the sampled rows' gradient for step() (the gradient-accumulation mode) instead of updating in backward",
     )
+    head.add_argument("--reference-repeats", type=int, default=3,
+                      help="timings of the matmul floor alone at start, before the head exists (the loaded-machine check)")
+    head.add_argument("--force", action="store_true",
+                      help="run even when the estimated memory per rank exceeds what is available")
     head.set_defaults(steps=10)
     bench_data.add_arguments(sub.add_parser("data", help="images per second per worker for read, decode, augment"))
     bench_ijb.add_arguments(sub.add_parser("eval-ijb", help="IJB images/s (align + embed + flip) and pairs/s of scoring"))
@@ -52,31 +61,56 @@ def _timed(device: torch.device, work: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _peak_memory_gib(comm: Communicator) -> float:
-    """Largest peak over ranks: CUDA allocated bytes on GPU, the process's maximum RSS on CPU."""
-    if comm.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(comm.device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
-    value = torch.tensor([peak / GIB], dtype=torch.float64, device=comm.device)
-    return comm.all_reduce(value, ReduceOp.MAX).item()
+def _max_over_ranks(comm: Communicator, *values: float) -> list[float]:
+    return comm.all_reduce(torch.tensor(values, dtype=torch.float64, device=comm.device), ReduceOp.MAX).tolist()
+
+
+# Above this many bytes of whole-size operands and products the floor is timed in row blocks (see MatmulFloor).
+FLOOR_WHOLE_LIMIT_BYTES = 1 << 30
+FLOOR_BLOCK_ROWS = 8192  # the head's chunk_rows
 
 
 class MatmulFloor:
-    """The step's three products alone, at this rank's sampled size and in the head's matmul dtype."""
+    """The step's three products alone, at this rank's sampled size and in the head's matmul dtype.
 
-    def __init__(self, head: PartialFC, batch_total: int) -> None:
-        device, dtype = head.weight.device, head.working_dtype
-        matmul_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if head.fp16 else dtype
+    When whole-size operands and products would take more than `FLOOR_WHOLE_LIMIT_BYTES` (10M classes: 2.5 GiB a
+    rank, beside an 8 GiB head), the same products are timed in blocks of the head's chunk rows, as the head
+    computes them, with block-sized buffers (`layout` "blocks"; else "whole"). Blocks run somewhat faster than
+    the whole products, so step / floor is then, if anything, overstated.
+    """
+
+    def __init__(self, args: argparse.Namespace, comm: Communicator) -> None:
+        device, rows = comm.device, shard_range(args.classes, comm.world_size, comm.rank)[1]
+        dtype = torch.promote_types(STORAGE_DTYPES[args.storage_dtype], torch.float32)  # the head's working dtype
+        matmul_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.fp16 else dtype
+        sampled, batch_total = max(1, int(args.sample_rate * rows)), args.batch * comm.world_size
+        whole_bytes = sampled * (2 * args.dim + batch_total) * torch.empty((), dtype=matmul_dtype).element_size()
+        self.layout = "blocks" if whole_bytes > FLOOR_WHOLE_LIMIT_BYTES else "whole"
+        self.sampled = sampled
         self.device = device
-        self.x = torch.randn(batch_total, head.embedding_size, device=device, dtype=matmul_dtype)
-        self.w = torch.randn(head.num_sample, head.embedding_size, device=device, dtype=matmul_dtype)
-        self.g = torch.randn(head.num_sample, batch_total, device=device, dtype=matmul_dtype)
+        block = min(sampled, FLOOR_BLOCK_ROWS) if self.layout == "blocks" else sampled
+        self.x = torch.randn(batch_total, args.dim, device=device, dtype=matmul_dtype)
+        self.w = torch.randn(block, args.dim, device=device, dtype=matmul_dtype)
+        self.g = torch.randn(block, batch_total, device=device, dtype=matmul_dtype)
+        if self.layout == "blocks":
+            self.logits = torch.empty(block, batch_total, device=device, dtype=matmul_dtype)
+            self.grad_x = torch.empty(batch_total, args.dim, device=device, dtype=matmul_dtype)
+            self.grad_w = torch.empty(block, args.dim, device=device, dtype=matmul_dtype)
 
     def products(self) -> None:
-        self.w @ self.x.t()
-        self.g.t() @ self.w
-        self.g @ self.x
+        if self.layout == "whole":
+            self.w @ self.x.t()
+            self.g.t() @ self.w
+            self.g @ self.x
+            return
+        self.grad_x.zero_()
+        block = self.w.shape[0]
+        for start in range(0, self.sampled, block):
+            count = min(block, self.sampled - start)
+            w, g = self.w[:count], self.g[:count]
+            torch.mm(w, self.x.t(), out=self.logits[:count])
+            self.grad_x.addmm_(g.t(), w)
+            torch.mm(g, self.x, out=self.grad_w[:count])
 
     def seconds(self) -> float:
         return _timed(self.device, self.products)
@@ -96,52 +130,122 @@ def _timed_step(head: PartialFC, optimizer: SparseSGD, args: argparse.Namespace,
     }
 
 
+def _reference_floor(args: argparse.Namespace, comm: Communicator) -> float:
+    """The floor's median timed alone on this rank before the head exists (its buffers are freed after)."""
+    floor = MatmulFloor(args, comm)
+    floor.products()
+    floor.products()  # twice: the allocator settles on its outputs' sizes, as it has in the steps
+    comm.barrier()  # every rank times it at once, as in the steps
+    seconds = statistics.median(floor.seconds() for _ in range(max(1, args.reference_repeats)))
+    del floor
+    if comm.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def _warm_up_process(args: argparse.Namespace, comm: Communicator) -> None:
+    """One step of a tiny head: the process's one-time costs (lazy imports, kernel set-up, the autograd engine)
+    are paid before the memory it holds is read as the baseline of the estimate."""
+    tiny = argparse.Namespace(**{**vars(args), "classes": 2 * comm.world_size, "dim": 8, "sample_rate": 1.0})
+    head = head_from_options(tiny, comm)
+    optimizer = center_sgd_from_options(args, head, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                        update_in_backward=not args.update_in_step)
+    embeddings = torch.randn(2, 8, device=comm.device, requires_grad=True)
+    head(embeddings, torch.zeros(2, dtype=torch.int64, device=comm.device)).backward()
+    optimizer.step()
+
+
+def _description(args: argparse.Namespace, comm: Communicator) -> dict:
+    return {
+        "bench": "head",
+        "backend": comm.name,
+        "device": comm.device.type,
+        **({"device_name": torch.cuda.get_device_name(comm.device)} if comm.device.type == "cuda" else {}),
+        "ranks": comm.world_size,
+        "classes": args.classes,
+        "dim": args.dim,
+        "batch_per_rank": args.batch,
+        "sample_rate": args.sample_rate,
+        "storage_dtype": args.storage_dtype,
+        "update": "step" if args.update_in_step else "backward",
+        **({"momentum_dtype": args.momentum_dtype} if getattr(args, "momentum_dtype", None) else {}),
+    }
+
+
+def _memory_plan(args: argparse.Namespace, comm: Communicator) -> dict:
+    """The estimated peak per rank (this process's memory now + the head's), what is available, whether it fits
+    (every rank's answer; the collective also keeps every rank from allocating before all have looked)."""
+    head = estimate_head_memory(args.classes, args.dim, args.batch * comm.world_size, args.sample_rate,
+                                comm.world_size, args.storage_dtype, getattr(args, "momentum_dtype", None),
+                                update_in_step=args.update_in_step, fp16=args.fp16)
+    needed = in_use_bytes(comm.device) + head.total
+    available = available_bytes_per_rank(comm.device)
+    needed, least_available = _max_over_ranks(comm, needed, -available)
+    return {"needed": needed, "available": -least_available, "fits": needed <= -least_available,
+            "head_gib": head.gib()["total"]}
+
+
 def run_head(args: argparse.Namespace) -> int:
     comm = get_communicator(args.backend)
     device = comm.device
+    conditions = BenchConditions(comm.world_size)
+    _warm_up_process(args, comm)
+    plan = _memory_plan(args, comm)
+    memory = {"estimated_memory_gib": round(plan["needed"] / GIB, 3),
+              "available_memory_gib": round(plan["available"] / GIB, 3)}
+    if not plan["fits"] and not args.force:
+        message = does_not_fit_message(plan["needed"], plan["available"])
+        result = {**_description(args, comm), **memory, "fits": False, "message": message, **conditions.finish()}
+        print_rank0(comm, result)
+        if comm.rank == 0:
+            print_warnings("partial-fc bench head", {"warnings": [f"not run: {message} (--force runs it anyway)"]})
+        return 0
+    reference = _reference_floor(args, comm)
+    conditions.sample()
+    reset_peak(device)
+    baseline = in_use_bytes(device)
     head = head_from_options(args, comm)
-    optimizer = SparseSGD(head, lr=0.1, momentum=0.9, weight_decay=5e-4, update_in_backward=not args.update_in_step)
+    optimizer = center_sgd_from_options(args, head, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                        update_in_backward=not args.update_in_step)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1000 * comm.rank)
     # Warm-up steps reach the steady working set; the peak is read before the floor's buffers exist.
     for _ in range(max(2, args.warmup)):
         _timed_step(head, optimizer, args, generator)
-    peak_memory = _peak_memory_gib(comm)
+    peak_memory, baseline_memory = (value / GIB for value in _max_over_ranks(comm, peak_bytes(device), baseline))
     # Each timed step is followed by one timing of its floor, so both see the same machine.
-    floor = MatmulFloor(head, args.batch * comm.world_size)
+    floor = MatmulFloor(args, comm)
     floor.products()
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "update": [], "floor": []}
     for _ in range(args.steps):
         for name, seconds in {**_timed_step(head, optimizer, args, generator), "floor": floor.seconds()}.items():
             phases[name].append(seconds)
+        conditions.sample()
     medians = {name: statistics.median(values) for name, values in phases.items()}
     step_seconds = medians["forward"] + medians["backward"] + medians["update"]
-    worst = torch.tensor([step_seconds, medians["floor"]], dtype=torch.float64, device=device)
-    step_seconds, floor_seconds = comm.all_reduce(worst, ReduceOp.MAX).tolist()
-    print_rank0(
-        comm,
-        {
-            "bench": "head",
-            "backend": comm.name,
-            "device": device.type,
-            "ranks": comm.world_size,
-            "threads_per_rank": torch.get_num_threads(),
-            "classes": args.classes,
-            "dim": args.dim,
-            "batch_per_rank": args.batch,
-            "sample_rate": args.sample_rate,
-            "sampled_per_rank": head.num_sample,
-            "storage_dtype": args.storage_dtype,
-            "update": "step" if args.update_in_step else "backward",
-            "steps": args.steps,
-            "forward_s": round(medians["forward"], 5),
-            "backward_s": round(medians["backward"], 5),
-            "update_s": round(medians["update"], 5),
-            "step_s": round(step_seconds, 5),
-            "matmul_floor_s": round(floor_seconds, 5),
-            "step_over_floor": round(step_seconds / floor_seconds, 3),
-            "peak_memory_gib": round(peak_memory, 3),
-        },
-    )
+    step_seconds, floor_seconds, reference_seconds, slowdown = _max_over_ranks(
+        comm, step_seconds, medians["floor"], reference, medians["floor"] / reference)
+    conditions.record_floor(reference_seconds, floor_seconds, slowdown)
+    result = {
+        **_description(args, comm),
+        "sampled_per_rank": head.num_sample,
+        "steps": args.steps,
+        "forward_s": round(medians["forward"], 5),
+        "backward_s": round(medians["backward"], 5),
+        "update_s": round(medians["update"], 5),
+        "step_s": round(step_seconds, 5),
+        "matmul_floor_s": round(floor_seconds, 5),
+        "matmul_floor_layout": floor.layout,
+        "step_over_floor": round(step_seconds / floor_seconds, 3),
+        "peak_memory_gib": round(peak_memory, 3),
+        "baseline_memory_gib": round(baseline_memory, 3),
+        "head_estimate_gib": round(plan["head_gib"], 3),
+        **memory,
+        "fits": True,
+        **conditions.finish(),
+    }
+    print_rank0(comm, result)
+    if comm.rank == 0:
+        print_warnings("partial-fc bench head", result)
     return 0
 
 

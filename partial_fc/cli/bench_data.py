@@ -22,6 +22,7 @@ from partial_fc.data.decode import DECODER, decode_into, decode_rgb, flip_images
 from partial_fc.data.loader import build_loader
 from partial_fc.data.recordio import unpack
 from partial_fc.data.sampler import DistributedEpochSampler
+from partial_fc.perf.conditions import BenchConditions, print_warnings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +47,7 @@ def _rates(works: dict[str, tuple[int, Callable[[], object]]], repeats: int) -> 
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
+    conditions = BenchConditions()
     dataset = RecordFaceDataset(args.rec, flip=True)
     keys = [int(key) for key in dataset.image_keys[: args.images]]
     reader, count = dataset.reader, len(keys)
@@ -73,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         "pipeline": (count, lambda: [dataset.__getitems__(batch) for batch in batches]),
         "normalize_cpu": (count, lambda: [normalize_images(images) for images in uint8_batches]),
     }, args.repeats)
+    conditions.sample()
     if args.workers > 0:
         sampler = DistributedEpochSampler(count, seed=0)
         loader = build_loader(dataset, args.batch, sampler, num_workers=args.workers, drop_last=False)
@@ -85,5 +88,7 @@ def run(args: argparse.Namespace) -> int:
     result["pipeline_over_plain"] = round(figures["pipeline"] / plain_rate, 3)
     with_normalize = 1 / (1 / figures["pipeline"] + 1 / figures["normalize_cpu"])
     result["pipeline_and_cpu_normalize_over_plain"] = round(with_normalize / plain_rate, 3)
+    result.update(conditions.finish())
     print(json.dumps(result), flush=True)
+    print_warnings("partial-fc bench data", result)
     return 0

@@ -10,10 +10,11 @@ import torch
 
 from partial_fc.comm import BACKENDS, Communicator
 from partial_fc.errors import InputError
-from partial_fc.heads import ArcFace, CombinedMargin, CosFace, PartialFC
+from partial_fc.heads import ArcFace, CombinedMargin, CosFace, PartialFC, SparseSGD
 from partial_fc.progress import print_line
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+MOMENTUM_DTYPES = ("storage", "int8", "none")
 
 
 def add_head_options(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,13 @@ def add_head_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--scale", type=float, default=64.0, help="logit scale s")
     parser.add_argument("--storage-dtype", choices=sorted(STORAGE_DTYPES), default="float32")
+    parser.add_argument(
+        "--momentum-dtype",
+        choices=MOMENTUM_DTYPES,
+        default=None,
+        help="the centers' SGD momentum: storage (the storage dtype, the default), int8 (codes + a scale per row) "
+        "or none (plain SGD)",
+    )
     parser.add_argument("--fp16", action="store_true", help="reduced-precision matmuls in the head")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="communication backend")
@@ -60,6 +68,15 @@ def head_from_options(args: argparse.Namespace, comm: Communicator) -> PartialFC
         storage_dtype=STORAGE_DTYPES[args.storage_dtype],
         seed=args.seed,
     )
+
+
+def center_sgd_from_options(args: argparse.Namespace, head: PartialFC, lr: float, momentum: float,
+                            weight_decay: float, update_in_backward: bool) -> SparseSGD:
+    """SparseSGD for `head` with the momentum `--momentum-dtype` asks for (none: no momentum at all)."""
+    kind = getattr(args, "momentum_dtype", None) or "storage"
+    plain = kind == "none"
+    return SparseSGD(head, lr=lr, momentum=0.0 if plain else momentum, weight_decay=weight_decay,
+                     update_in_backward=update_in_backward, momentum_dtype="storage" if plain else kind)
 
 
 def print_rank0(comm: Communicator, message: Any) -> None:

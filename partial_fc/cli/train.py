@@ -20,6 +20,7 @@ from partial_fc.comm import get_communicator
 from partial_fc.engine.config import format_config, load_config
 from partial_fc.engine.trainer import Trainer
 from partial_fc.engine.watchdog import collective_timeout
+from partial_fc.perf.conditions import BenchConditions, print_warnings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if comm.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_ranks())))
     print_rank0(comm, format_config(cfg))
+    conditions = BenchConditions(comm.world_size) if cfg.perf_steps else None  # perf mode states its conditions
     trainer = Trainer(cfg, comm)  # locks the output folder and writes config.json there
     try:
         if cfg.resume:
@@ -60,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
     summary = {"job": "train", "network": cfg.network, "embedding_size": cfg.embedding_size, "output": cfg.output,
                "ranks": comm.world_size, "perf_steps": cfg.perf_steps,
                "val_sets": [str(entry.path) for entry in trainer.verifier.sets], **dataclasses.asdict(result)}
+    if conditions is not None:
+        summary.update(conditions.finish())
     print_rank0(comm, summary)
+    if comm.rank == 0:
+        print_warnings("partial-fc train", summary)
     if args.summary and comm.rank == 0:
         Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
     return 0

@@ -16,10 +16,13 @@ Loading on another number of ranks reads each new shard's rows from the overlapp
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import hashlib
 import json
 import math
+import mmap
 import os
 import random
 import re
@@ -27,7 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -65,6 +68,7 @@ STEP_DIR = re.compile(r"^step_(\d{8,})$")
 LEFTOVER = re.compile(r"^\.(step_\d{8,}\.(partial|old)|latest\..*\.tmp)$")
 _HASH_BYTES = 32
 _CHUNK = 1 << 20
+_LOAD_BLOCK_BYTES = 64 << 20  # a saved shard is copied into the live one this much at a time
 # Keys under which arcface_torch and common trainers nest a backbone's state dict inside a checkpoint file.
 _NESTED_STATE_KEYS = ("state_dict_backbone", "state_dict")
 
@@ -120,16 +124,53 @@ def _save_error(path: Any, error: BaseException) -> CheckpointSaveError:
     return CheckpointSaveError(f"cannot write {path}: {os_error_cause(error)}")
 
 
+class _HashingWriter:
+    """A file handle for torch.save that hashes the bytes on their way out (torch's zip writer only appends), so
+    a multi-GB shard is not read back to hash it."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        written = self.handle.write(data)
+        self.size += written
+        return written
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+@contextlib.contextmanager
+def _without_zip_crc32() -> Iterator[None]:
+    """torch.save without the zip records' CRC-32, which it computes at ~0.1 GB/s (16 s of a 1.5 GB shard's 17
+    here): the manifest's sha256 of every file is the integrity check, and torch.load does not read the CRCs."""
+    serialization = torch.serialization
+    if not hasattr(serialization, "set_crc32_options"):
+        yield
+        return
+    before = serialization.get_crc32_options()
+    serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        serialization.set_crc32_options(before)
+
+
 def _save_durably(obj: Any, path: Path) -> dict[str, Any]:
     """torch.save `obj` to `path`, flushed to disk; returns the file's size and sha256 for the manifest."""
     try:
-        with open(path, "wb") as handle:
-            torch.save(obj, handle)
+        with open(path, "wb") as handle, _without_zip_crc32():
+            writer = _HashingWriter(handle)
+            torch.save(obj, writer)
             handle.flush()
             os.fsync(handle.fileno())
+        size = path.stat().st_size
     except (OSError, RuntimeError) as error:  # torch reports a failed write as RuntimeError("enforce fail ...")
         raise _save_error(path, error) from error
-    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+    if size != writer.size:  # not everything torch wrote went through the writer: hash the file instead
+        return {"size": size, "sha256": _sha256(path)}
+    return {"size": size, "sha256": writer.digest.hexdigest()}
 
 
 def _write_text_durably(path: Path, text: str) -> None:
@@ -645,9 +686,74 @@ def _check_shard(data: Any, entry: dict[str, Any], path: Path, width: int, row_k
         raise InputError(f"{path}: scalar optimizer state or param_groups missing")
 
 
+def _check_row_state_fits(directory: Path, manifest: dict[str, Any], head: nn.Module, head_optimizer) -> None:
+    """The saved per-row optimizer state must be what the head optimizer keeps (when it keeps any, or always for
+    one whose state is fixed at construction, as SparseSGD's), with the same kind of dtype and row shape."""
+    state = head_optimizer.state[head.weight]
+    kept = {key: value for key, value in state.items() if _is_row_state(value, head)}
+    saved = sorted(manifest["row_state"])
+    if (kept or getattr(head_optimizer, "row_state_is_fixed", False)) and saved != sorted(kept):
+        raise InputError(
+            f"{directory}: the head optimizer's per-row state was saved as {saved or 'nothing'}, this one keeps "
+            f"{sorted(kept) or 'nothing'}: resume with the optimizer, momentum and momentum_dtype it was saved with "
+            "(momentum_buffer: momentum_dtype=storage; momentum_code, momentum_absmax: int8; nothing: none)")
+
+
+def _check_row_tensor(path: Path, key: str, saved: torch.Tensor, target: torch.Tensor) -> None:
+    """A saved per-row tensor must fit the optimizer's: its row shape, and its dtype unless both are floats."""
+    if tuple(saved.shape[1:]) != tuple(target.shape[1:]):
+        raise InputError(f"{path}: per-row optimizer state {key!r} has rows of shape {tuple(saved.shape[1:])}, "
+                         f"the head optimizer's has {tuple(target.shape[1:])}")
+    if saved.dtype != target.dtype and not (saved.dtype.is_floating_point and target.dtype.is_floating_point):
+        raise InputError(f"{path}: per-row optimizer state {key!r} is {str(saved.dtype).replace('torch.', '')}, "
+                         f"the head optimizer keeps it as {str(target.dtype).replace('torch.', '')}")
+
+
+def _madvise() -> Any:
+    """libc's madvise, or None where it cannot be called."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return function
+
+
+_MADVISE = _madvise()
+
+
+def _release_mapped_pages(tensor: torch.Tensor) -> None:
+    """Unmap the pages lying wholly inside a memory-mapped, already copied `tensor` from this process (they stay
+    in the page cache, and would be read from the file again if touched), so they leave its resident set."""
+    if _MADVISE is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return
+    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _MADVISE(first, last - first, mmap.MADV_DONTNEED)
+
+
+def _copy_mapped_rows(target: torch.Tensor, source: torch.Tensor) -> None:
+    """target.copy_(source), where `source` is rows of a checkpoint file memory-mapped by `_load(mmap=True)` (and
+    only such: released anonymous pages would read back as zeros): a block of rows at a time, each block's pages
+    released once copied, so loading a shard never holds the saved one beside it."""
+    if source.dim() == 0 or source.shape[0] == 0:
+        target.copy_(source)
+        return
+    rows = max(1, _LOAD_BLOCK_BYTES // max(1, source[0].numel() * source.element_size()))
+    for start in range(0, source.shape[0], rows):
+        block = source[start : start + rows]
+        target[start : start + rows].copy_(block)
+        _release_mapped_pages(block)
+
+
 def _load_centers(directory: Path, manifest: dict[str, Any], head: nn.Module, head_optimizer) -> None:
     """Fill this rank's shard and its per-row optimizer state from the overlapping saved shards (memory-mapped)."""
     _optimizer_row_split(head, head_optimizer)
+    _check_row_state_fits(directory, manifest, head, head_optimizer)
     state = head_optimizer.state[head.weight]
     first, last = head.class_start, head.class_start + head.num_local
     targets: dict[str, torch.Tensor] = {}
@@ -662,15 +768,18 @@ def _load_centers(directory: Path, manifest: dict[str, Any], head: nn.Module, he
         source = slice(lo - entry["start"], hi - entry["start"])
         target_rows = slice(lo - first, hi - first)
         with torch.no_grad():
-            head.weight[target_rows].copy_(data["weight"][source])
+            _copy_mapped_rows(head.weight[target_rows], data["weight"][source])
             for key, saved in data["row_state"].items():
                 if key not in targets:
-                    shape = (head.num_local, *saved.shape[1:])
                     existing = state.get(key)
-                    usable = isinstance(existing, torch.Tensor) and tuple(existing.shape) == shape
-                    device = head.weight.device
-                    targets[key] = existing if usable else torch.empty(shape, dtype=saved.dtype, device=device)
-                targets[key][target_rows].copy_(saved[source])
+                    if _is_row_state(existing, head):  # filled in place: no second copy of the state
+                        _check_row_tensor(path, key, saved, existing)
+                        targets[key] = existing
+                    else:
+                        shape = (head.num_local, *saved.shape[1:])
+                        targets[key] = torch.empty(shape, dtype=saved.dtype, device=head.weight.device)
+                _check_row_tensor(path, key, saved, targets[key])
+                _copy_mapped_rows(targets[key][target_rows], saved[source])
         if scalars is None:
             scalars, groups = data["scalar_state"], data["param_groups"]
         del data

@@ -71,6 +71,8 @@ DEFAULTS: dict[str, Any] = {
     # --- partial_fc extras ---
     "backend": "auto",  # communication backend: auto, horovod, torch or single
     "storage_dtype": "float32",  # dtype the class-center shards are stored in: float32, bfloat16, float16
+    "momentum_dtype": "storage",  # the centers' SGD momentum: storage (storage_dtype), int8 (codes + a scale per
+    # row: a quarter of float32's bytes) or none (plain SGD for the centers; the backbone keeps `momentum`)
     "amp_dtype": "float16",  # autocast dtype when fp16 is true: float16 or bfloat16
     "channels_last": False,  # NHWC memory layout for the backbone
     "sync_bn": False,  # BatchNorm statistics over every rank's batch (a step then equals one process exactly)
@@ -96,6 +98,7 @@ DEFAULTS: dict[str, Any] = {
 SECRET_KEYS = frozenset({"wandb_key"})
 OPTIMIZERS = ("sgd", "adamw")
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+MOMENTUM_DTYPES = ("storage", "int8", "none")
 AMP_DTYPES = ("float16", "bfloat16")
 ON_SAVE_ERROR = ("stop", "continue")
 
@@ -358,6 +361,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     "backend": (lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
     "storage_dtype": (lambda v: v in STORAGE_DTYPES, f"one of {', '.join(STORAGE_DTYPES)}"),
+    "momentum_dtype": (lambda v: v in MOMENTUM_DTYPES, f"one of {', '.join(MOMENTUM_DTYPES)}"),
     "amp_dtype": (lambda v: v in AMP_DTYPES, f"one of {', '.join(AMP_DTYPES)}"),
     "on_save_error": (lambda v: v in ON_SAVE_ERROR, f"one of {', '.join(ON_SAVE_ERROR)}"),
     "rec": (bool, "a non-empty path"),
@@ -417,6 +421,10 @@ def validate(config: Mapping[str, Any], sources: Mapping[str, str] | None = None
         problems.append(
             f"warmup_epoch = {warmup!r} (from {sources.get('warmup_epoch', 'config')}) must be < num_epoch = {epochs!r}"
         )
+    if valid.get("optimizer") == "adamw" and valid.get("momentum_dtype", "storage") != "storage":
+        where = sources.get("momentum_dtype", "config")
+        problems.append(f"momentum_dtype = {config['momentum_dtype']!r} (from {where}) applies to optimizer = 'sgd' "
+                        "only: AdamW keeps its moments in storage_dtype")
     missing = [key for key in DEFAULTS if key not in config]
     if missing:
         problems.append(f"config lacks keys: {', '.join(missing)}")

@@ -127,8 +127,9 @@ def build_optimizers(cfg: EasyDict, backbone: nn.Module, head: PartialFC
     if cfg.optimizer == "sgd":
         body = torch.optim.SGD(backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
-        centers = SparseSGD(head, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                            update_in_backward=in_backward)
+        plain = cfg.momentum_dtype == "none"  # the centers without momentum (the backbone keeps it)
+        centers = SparseSGD(head, lr=cfg.lr, momentum=0.0 if plain else cfg.momentum, weight_decay=cfg.weight_decay,
+                            update_in_backward=in_backward, momentum_dtype="storage" if plain else cfg.momentum_dtype)
     else:
         body = torch.optim.AdamW(backbone.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         centers = SparseAdamW(head, lr=cfg.lr, weight_decay=cfg.weight_decay, update_in_backward=in_backward)
@@ -201,7 +202,9 @@ class Trainer:
         self.head = PartialFC(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate,
                               cfg.fp16 and self.device.type == "cuda", comm=self.comm,
                               storage_dtype=STORAGE_DTYPES[cfg.storage_dtype], seed=cfg.seed,
-                              interclass_filtering_threshold=cfg.interclass_filtering_threshold)
+                              interclass_filtering_threshold=cfg.interclass_filtering_threshold,
+                              initialise=not cfg.resume)  # a resume fills the shard: not written twice
+        self.centers_pending = bool(cfg.resume)  # until resume() loads them, or finds none and initialises
         body_optimizer, self.head_optimizer = build_optimizers(cfg, self.raw_backbone, self.head)
         self.backbone, self.backbone_optimizer = distribute_backbone(
             self.raw_backbone, body_optimizer, comm, accumulation_steps=cfg.gradient_acc, sync_batchnorm=cfg.sync_bn)
@@ -275,18 +278,26 @@ class Trainer:
                              f"{weights_hint(weights[0])}")
         raise MissingInputError(f"resume={resume} but {source} holds no complete checkpoint")
 
+    def _initialise_pending_centers(self) -> None:
+        """Initialise the centers when a ``resume`` config did not load them (none found, or resume() not called)."""
+        if self.centers_pending:
+            self.head.reset_centers()
+            self.centers_pending = False
+
     def resume(self) -> None:
         """Continue from the newest valid checkpoint in ``output/checkpoints`` or the folder ``resume`` names (on
         any number of ranks; a corrupt newer one is reported and passed over); with ``resume="auto"`` start
         afresh when there is none yet (a restart after an early failure)."""
         source = run_on_root(self.comm, self._resume_source)
         if source is None:
+            self._initialise_pending_centers()
             self.monitor.print(f"resume=auto: no checkpoint in {self.checkpoint_root} yet, starting at step 0")
             return
         state = load_checkpoint(source, comm=self.comm, backbone=self.backbone,
                                 backbone_optimizer=self.backbone_optimizer, head=self.head,
                                 head_optimizer=self.head_optimizer, scheduler=self.schedule,
                                 sampler=self.sampler, scaler=self.scaler)
+        self.centers_pending = False
         if state.step >= self.total_steps:
             raise InputError(f"{state.path} is at step {state.step}, and this plan ends at step {self.total_steps} "
                              f"(num_epoch={self.cfg.num_epoch}): nothing is left to train; raise num_epoch to go on")
@@ -431,6 +442,7 @@ class Trainer:
 
         SIGTERM or SIGINT on any rank stops every rank after the same step, with a checkpoint, and raises
         ``TrainingPreempted``."""
+        self._initialise_pending_centers()
         self.stop_signals.install()
         self.watchdog.start()
         try:

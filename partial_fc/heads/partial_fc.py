@@ -80,7 +80,8 @@ class PartialFC(nn.Module):
     Keyword options: `comm` (defaults to the launch's communicator), `storage_dtype` of centers and
     optimizer state (float32, bfloat16, float16 or float64), `seed` of the negative sampling, `init_std`,
     `interclass_filtering_threshold` in [0, 1): negatives with a larger cosine count as cosine 0 and get
-    no gradient (0 disables the filter).
+    no gradient (0 disables the filter). `initialise=False` leaves the shard's memory untouched until
+    `reset_centers()` or a checkpoint fills it (a resume, which would overwrite the whole shard anyway).
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class PartialFC(nn.Module):
         init_std: float = 0.01,
         chunk_rows: int = 8192,
         interclass_filtering_threshold: float = 0.0,
+        initialise: bool = True,
     ) -> None:
         super().__init__()
         self.comm = comm if comm is not None else get_communicator()
@@ -115,13 +117,20 @@ class PartialFC(nn.Module):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(_rank_seed(seed, self.comm.rank))
         weight = torch.empty((self.num_local, self.embedding_size), dtype=storage_dtype, device=device)
-        initialise_centers(weight, self.class_start, seed, init_std)
+        self._init_seed, self._init_std = seed, init_std
+        if initialise:
+            initialise_centers(weight, self.class_start, seed, init_std)
         self.register_buffer("weight", weight)
         self._sampled: list[SampledRows] = []
         self.row_updater: RowUpdater | None = None  # set by an optimizer that updates rows during backward
         self._grad_anchor = torch.zeros((), requires_grad=True)
         workspace_rows = min(self.chunk_rows, self.num_local)
         self.workspace = torch.empty((workspace_rows, self.embedding_size), dtype=self.working_dtype, device=device)
+
+    @torch.no_grad()
+    def reset_centers(self) -> None:
+        """Fill the shard with its initial centers (seeded by global class id), as the constructor does."""
+        initialise_centers(self.weight, self.class_start, self._init_seed, self._init_std)
 
     @property
     def working_dtype(self) -> torch.dtype:

@@ -6,6 +6,16 @@ As in the MXNet Partial FC and PLSC's sparse momentum, a center that was not sam
 no decay, no momentum. No gradient of the whole shard is ever formed. By default the update is applied
 during backward, a chunk of rows at a time, as soon as their gradient is known; with gradient
 accumulation (`update_in_backward=False`) the sampled rows' gradients are kept and summed until `step()`.
+
+SparseSGD keeps its momentum in the shard's storage dtype (`momentum_dtype="storage"`, as torch's SGD), or
+compactly (`momentum_dtype="int8"`): one int8 code per element and one float32 scale per row, a quarter of
+float32's bytes (half of bfloat16's). The code is square-root companded: c = sign(v) round(127 sqrt(|v| / a))
+with a the row's largest |v|, decoded as v = sign(c) (c / 127)^2 a, so that the error of an element is at most
+sqrt(|v| a) / 127 + a / 64516 (measured on Partial FC momentum rows: 0.73% of the row's norm, as linear int8's
+0.74%, but 7.5% at most for elements of 1% of the row's maximum where linear int8 errs by up to 33%, and
+none of them flushed to zero; float8 e4m3 errs by 2.6% of the norm). Each step decodes the sampled rows'
+momentum, updates the rows with the exact new velocity and stores its code, so the update is the float
+one up to the stored momentum's rounding.
 """
 
 from __future__ import annotations
@@ -15,6 +25,35 @@ from typing import Callable, Protocol
 import torch
 
 from partial_fc.heads.sampling import RowUpdater, SampledRows, gather_rows
+
+# How SparseSGD may keep its momentum: in the shard's storage dtype, or as int8 codes with a scale per row.
+MOMENTUM_DTYPES = ("storage", "int8")
+INT8_LEVELS = 127
+# Rows whose largest |velocity| is below this are stored as zero (their gain 127^2 / max would overflow).
+INT8_SMALLEST_ROW_MAX = 1e-30
+
+
+def encode_int8_rows(velocity: torch.Tensor, codes: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Write `velocity`'s square-root companded int8 codes into `codes`; returns each row's largest |value|.
+
+    c = sign(v) round(127 sqrt(|v| / a)), a the row's largest |v| (float32, [rows]). `scratch` is a buffer of
+    velocity's shape and dtype; velocity itself is left as it is.
+    """
+    magnitude = torch.abs(velocity, out=scratch)
+    row_max = magnitude.amax(dim=1)
+    gain = torch.where(row_max >= INT8_SMALLEST_ROW_MAX, INT8_LEVELS**2 / row_max, 0.0)
+    magnitude.mul_(gain.unsqueeze(1)).sqrt_().round_()
+    torch.copysign(magnitude, velocity, out=magnitude)
+    codes.copy_(magnitude)
+    return row_max.to(torch.float32)
+
+
+def decode_int8_rows(codes: torch.Tensor, row_max: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor
+                     ) -> torch.Tensor:
+    """`out` = sign(c) (c / 127)^2 * row_max, the values `encode_int8_rows` coded; `scratch` is like `out`."""
+    out.copy_(codes)
+    out.mul_(torch.abs(out, out=scratch))
+    return out.mul_((row_max.to(out.dtype) / INT8_LEVELS**2).unsqueeze(1))
 
 
 class SampledRowsSource(Protocol):
@@ -52,7 +91,11 @@ class SparseRowsOptimizer(torch.optim.Optimizer):
     It registers itself as the head's row updater (`update_in_backward`) or collects the kept gradients
     in `step()`, and hands each chunk of sampled rows to `update_rows`, which subclasses implement.
     Call `step()` after every backward in either mode: it applies kept gradients and closes the step.
+    Its per-row state is allocated whole at construction (`row_state_is_fixed`), so a checkpoint loaded into
+    it must hold exactly those tensors.
     """
+
+    row_state_is_fixed = True
 
     def __init__(self, head: SampledRowsSource, defaults: dict, update_in_backward: bool) -> None:
         super().__init__([head.weight], defaults)
@@ -86,7 +129,9 @@ class SparseSGD(SparseRowsOptimizer):
     """torch.optim.SGD's update (momentum, no dampening, L2 weight decay) restricted to the sampled rows.
 
     A torch Optimizer over the head's shard, so LR schedulers and state_dict work as usual; the momentum
-    buffer has the shard's shape and storage dtype. Arithmetic is float32 (float64 for float64 shards).
+    buffer has the shard's shape and storage dtype (`momentum_buffer`), or with `momentum_dtype="int8"` it is
+    kept as int8 codes `momentum_code` [rows, D] and a float32 scale per row `momentum_absmax` [rows] (see the
+    module's notes). `momentum=0` keeps no state at all. Arithmetic is float32 (float64 for float64 shards).
     Call `step()` after every backward in either mode: it applies kept gradients and closes the step.
     """
 
@@ -97,12 +142,23 @@ class SparseSGD(SparseRowsOptimizer):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         update_in_backward: bool = True,
+        momentum_dtype: str = "storage",
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr={lr}, momentum={momentum}, weight_decay={weight_decay} must not be negative")
+        if momentum_dtype not in MOMENTUM_DTYPES:
+            raise ValueError(f"momentum_dtype={momentum_dtype!r} must be one of {', '.join(MOMENTUM_DTYPES)}")
         super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), update_in_backward)
-        if momentum > 0:
-            self.state[head.weight]["momentum_buffer"] = torch.zeros_like(head.weight)
+        self.momentum_dtype = momentum_dtype
+        weight = head.weight
+        if momentum > 0 and momentum_dtype == "int8":
+            self.state[weight]["momentum_code"] = torch.zeros(weight.shape, dtype=torch.int8, device=weight.device)
+            self.state[weight]["momentum_absmax"] = torch.zeros(weight.shape[0], dtype=torch.float32,
+                                                                device=weight.device)
+            self._codes = torch.empty(head.workspace.shape, dtype=torch.int8, device=weight.device)
+            self._scratch = torch.empty_like(head.workspace)
+        elif momentum > 0:
+            self.state[weight]["momentum_buffer"] = torch.zeros_like(weight)
         self._velocity = torch.empty_like(head.workspace)
 
     @torch.no_grad()
@@ -112,7 +168,9 @@ class SparseSGD(SparseRowsOptimizer):
         weight = group["params"][0]
         if group["weight_decay"]:
             grad.add_(rows, alpha=group["weight_decay"])
-        if group["momentum"] > 0:
+        if group["momentum"] > 0 and self.momentum_dtype == "int8":
+            grad = self._int8_velocity(self.state[weight], index, grad, group["momentum"])
+        elif group["momentum"] > 0:
             momentum_buffer = self.state[weight]["momentum_buffer"]
             velocity = gather_rows(momentum_buffer, index, self._velocity)
             torch.add(grad, velocity, alpha=group["momentum"], out=velocity)
@@ -120,3 +178,27 @@ class SparseSGD(SparseRowsOptimizer):
             grad = velocity
         rows.add_(grad, alpha=-group["lr"])
         write_rows(weight, index, rows)
+
+    def _int8_velocity(self, state: dict, index: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:
+        """momentum * velocity + grad of rows `index` from their int8 momentum, whose codes and scales it updates.
+
+        The decoding is fused into the sum: velocity = grad + c * (|c| * momentum * row_max / 127^2).
+        """
+        count = index.numel()
+        velocity, scratch, codes = self._velocity[:count], self._scratch[:count], self._codes[:count]
+        code_words, words = _as_words(state["momentum_code"], codes)
+        torch.index_select(code_words, 0, index, out=words)
+        gain = state["momentum_absmax"].index_select(0, index).to(velocity.dtype).mul_(momentum / INT8_LEVELS**2)
+        velocity.copy_(codes)
+        torch.abs(velocity, out=scratch).mul_(gain.unsqueeze(1))
+        torch.addcmul(grad, velocity, scratch, out=velocity)
+        state["momentum_absmax"].index_copy_(0, index, encode_int8_rows(velocity, codes, scratch))
+        code_words.index_copy_(0, index, words)
+        return velocity
+
+
+def _as_words(*codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows of int8 codes seen as int64 words when all of them allow it: row gathers and scatters run ~3x faster."""
+    if all(code.shape[-1] % 8 == 0 and code.is_contiguous() and code.storage_offset() % 8 == 0 for code in codes):
+        return tuple(code.view(torch.int64) for code in codes)
+    return codes

@@ -50,14 +50,14 @@ class Setup:
                     sampler=self.sampler)
 
 
-def build(comm: Communicator, seed: int = 0) -> Setup:
+def build(comm: Communicator, seed: int = 0, momentum_dtype: str = "storage") -> Setup:
     """Backbone nn.Linear + SGD (data-parallel over comm), PartialFC + SparseSGD, LambdaLR, the sampler."""
     torch.manual_seed(seed)
     backbone = nn.Linear(INPUTS, DIM)
     optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     backbone, optimizer = distribute_backbone(backbone, optimizer, comm)
     head = PartialFC(ArcFace(), DIM, CLASSES, sample_rate=0.5, comm=comm, seed=seed)
-    head_optimizer = SparseSGD(head, lr=0.2, momentum=0.9, weight_decay=5e-4)
+    head_optimizer = SparseSGD(head, lr=0.2, momentum=0.9, weight_decay=5e-4, momentum_dtype=momentum_dtype)
     scheduler = LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.5 * step))
     sampler = DistributedEpochSampler(DATASET, comm.rank, comm.world_size, seed=1)
     return Setup(comm, backbone, optimizer, head, head_optimizer, scheduler, sampler)
@@ -78,15 +78,17 @@ def train_step(setup: Setup) -> float:
 
 
 def gathered_centers(setup: Setup) -> dict:
-    """The whole center matrix and momentum buffer, concatenated over ranks."""
+    """The whole center matrix and momentum (buffer, or int8 codes and row scales), concatenated over ranks."""
     sizes = setup.comm.gather_sizes(setup.head.num_local)
-    momentum = setup.head_optimizer.state[setup.head.weight]["momentum_buffer"]
-    return {"centers": setup.comm.all_gather(setup.head.weight.clone(), sizes).cpu(),
-            "momentum": setup.comm.all_gather(momentum.clone(), sizes).cpu()}
+    state = setup.head_optimizer.state[setup.head.weight]
+    names = {"momentum": "momentum_buffer", "momentum_code": "momentum_code", "momentum_absmax": "momentum_absmax"}
+    gathered = {name: setup.comm.all_gather(state[key].clone(), sizes).cpu() for name, key in names.items()
+                if key in state}
+    return {"centers": setup.comm.all_gather(setup.head.weight.clone(), sizes).cpu(), **gathered}
 
 
 def run(args: argparse.Namespace, comm: Communicator) -> dict:
-    setup = build(comm)
+    setup = build(comm, momentum_dtype=args.momentum_dtype)
     result = {"world_size": comm.world_size, "backend": comm.name, "losses": {}, "saved": {}}
     step = 0
     if args.resume:
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--save-at", type=int, nargs="*", default=[], help="save after these many steps")
     parser.add_argument("--save-root")
     parser.add_argument("--resume")
+    parser.add_argument("--momentum-dtype", default="storage", help="SparseSGD's momentum_dtype")
     args = parser.parse_args()
     comm = get_communicator()
 

@@ -1,0 +1,107 @@
+"""The conditions a benchmark ran under, stated in its JSON, and warnings when they make its figures doubtful.
+
+Every benchmark records the 1-minute load average at its start and end (and the highest reading taken in
+between, at the points where it calls `sample()`), the machine's core count, torch threads per rank and
+ranks. It warns when the machine was loaded: a load average above the core count at any reading, or (the
+head benchmark) a matmul floor during the steps more than `FLOOR_SLOWDOWN_LIMIT` times slower than the
+same products timed alone at start (on the same rank, before the head exists; floors under a millisecond
+are not judged). Warnings go into the JSON's `warnings` list and onto stderr.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import TextIO
+
+import torch
+
+# The floor during the steps may be this many times the floor timed alone at start before it counts as loaded;
+# floors shorter than MIN_CHECKED_FLOOR_S (cache effects and timer noise at toy sizes) are not judged.
+FLOOR_SLOWDOWN_LIMIT = 1.25
+MIN_CHECKED_FLOOR_S = 1e-3
+
+
+def load_average() -> float:
+    """The 1-minute load average (NaN where the platform has none)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return math.nan
+
+
+def core_count() -> int:
+    """The machine's logical cores."""
+    return os.cpu_count() or 1
+
+
+class BenchConditions:
+    """Readings taken from a benchmark's start to its end; `finish()` gives the JSON fields and warnings."""
+
+    def __init__(self, ranks: int = 1) -> None:
+        self.ranks = int(ranks)
+        self.cores = core_count()
+        self.load_start = load_average()
+        self.load_readings = [self.load_start]
+        self.floor: dict[str, float] | None = None
+
+    def sample(self) -> None:
+        """Take one more load-average reading (call it between the timed parts of a run)."""
+        self.load_readings.append(load_average())
+
+    def record_floor(self, reference_s: float, median_s: float, slowdown: float | None = None) -> None:
+        """The matmul floor timed alone at start (`reference_s`) and its median during the steps (`median_s`);
+        `slowdown` is the worst rank's median / reference when it is not their plain ratio."""
+        if slowdown is None:
+            slowdown = median_s / reference_s if reference_s > 0 else math.inf
+        self.floor = {"reference_s": reference_s, "median_s": median_s, "slowdown": slowdown}
+
+    def warnings(self, load_end: float) -> list[str]:
+        """Why the figures may be slower than a quiet machine's; empty when nothing says so."""
+        found = []
+        readings = [value for value in [*self.load_readings, load_end] if not math.isnan(value)]
+        if readings and max(readings) > self.cores:
+            found.append(
+                f"machine loaded: the 1-min load average reached {max(readings):.2f} on {self.cores} cores "
+                f"({self.load_start:.2f} at start, {load_end:.2f} at end); other work shared the cores, so "
+                "the figures are slower than a quiet machine's"
+            )
+        if (self.floor is not None and self.floor["reference_s"] >= MIN_CHECKED_FLOOR_S
+                and self.floor["slowdown"] > FLOOR_SLOWDOWN_LIMIT):
+            found.append(
+                f"machine loaded: the matmul floor ran {self.floor['slowdown']:.2f}x slower during the steps "
+                f"(median {self.floor['median_s']:.4g} s) than the same products timed alone at start "
+                f"({self.floor['reference_s']:.4g} s), more than {FLOOR_SLOWDOWN_LIMIT}x; the figures are slower "
+                "than a quiet machine's"
+            )
+        return found
+
+    def finish(self, threads_per_rank: int | None = None) -> dict:
+        """The JSON fields: load averages, cores, threads per rank, ranks, the floor check, `warnings`."""
+        load_end = load_average()
+        fields = {
+            "load_average_start": _rounded(self.load_start),
+            "load_average_end": _rounded(load_end),
+            "load_average_max": _rounded(max((v for v in [*self.load_readings, load_end] if not math.isnan(v)),
+                                             default=math.nan)),
+            "cores": self.cores,
+            "threads_per_rank": torch.get_num_threads() if threads_per_rank is None else threads_per_rank,
+            "ranks": self.ranks,
+        }
+        if self.floor is not None:
+            fields["matmul_floor_reference_s"] = round(self.floor["reference_s"], 5)
+            fields["floor_over_reference"] = round(self.floor["slowdown"], 3)
+        fields["warnings"] = self.warnings(load_end)
+        return fields
+
+
+def print_warnings(name: str, fields: dict, stream: TextIO | None = None) -> None:
+    """Each of `fields['warnings']` as one `NAME: warning: ...` line on stderr."""
+    stream = sys.stderr if stream is None else stream
+    for warning in fields.get("warnings", ()):
+        print(f"{name}: warning: {warning}", file=stream, flush=True)
+
+
+def _rounded(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 2)
