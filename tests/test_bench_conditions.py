@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -99,7 +100,8 @@ def test_a_head_that_does_not_fit_is_reported_not_run(capsys, monkeypatch, load)
     assert status == 0, err
     (result,) = read_lines(out, "head")
     assert result["fits"] is False and result["available_memory_gib"] == 0.01
-    assert result["message"].startswith("does not fit: needs ~0.") and result["message"].endswith("0.0 GiB available")
+    needs = float(re.fullmatch(r"does not fit: needs ~([\d.]+) GiB per rank, 0\.0 GiB available", result["message"])[1])
+    assert needs == pytest.approx(result["estimated_memory_gib"], abs=0.05)  # the process as it is, plus the head
     assert "step_s" not in result and "not run: does not fit" in err
     for key in CONDITION_KEYS:
         assert key in result, key
