@@ -365,9 +365,8 @@ class Trainer:
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's embeddings: with autograd through the (distributed) backbone, or while it is frozen
-        without it, in eval mode (BatchNorm uses and keeps its running statistics) and with no gradient sync."""
+        (in eval mode then, set by `_fit`) without autograd and outside the data-parallel wrapper."""
         frozen = self.backbone_frozen
-        self.raw_backbone.train(not frozen)
         with self.timer.phase("backbone"), self._autocast(), torch.set_grad_enabled(not frozen):
             return (self.raw_backbone if frozen else self.backbone)(images)
 
@@ -466,7 +465,8 @@ class Trainer:
         if cfg.rec != "synthetic" and cfg.num_image != len(self.dataset):
             self.monitor.print(f"note: num_image={cfg.num_image} in the config, but {cfg.rec} holds "
                                f"{len(self.dataset)} images; steps follow the data set")
-        if self.backbone_frozen:
+        if self.backbone_frozen:  # eval mode: BatchNorm uses and keeps its loaded statistics
+            self.raw_backbone.eval()
             self.monitor.print(f"backbone frozen until step {cfg.freeze_backbone_steps}: only the centers train, "
                                "BatchNorm statistics stay as loaded")
         result = TrainResult(steps=0, epochs=0, loss=math.nan)
@@ -526,6 +526,7 @@ class Trainer:
             self.nonfinite_in_a_row = 0
             self.step += 1
             if self.step == cfg.freeze_backbone_steps and self.step < self.total_steps:
+                self.raw_backbone.train()
                 self.monitor.print(f"step {self.step}: backbone unfrozen, learning rate x{cfg.backbone_lr_mult:g} of "
                                    "the centers'")
             self.watchdog.progress(self.step)
