@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import multiprocessing
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
 from partial_fc.cli import bench
+from partial_fc.heads.partial_fc import CPU_CHUNK_ROWS
 from partial_fc.perf import conditions as conditions_module
 from partial_fc.perf.conditions import BenchConditions, print_warnings
 from partial_fc.perf.memory import GIB, estimate_head_memory
@@ -25,8 +29,9 @@ CONDITION_KEYS = ("load_average_start", "load_average_end", "load_average_max", 
 
 @pytest.fixture
 def load(monkeypatch):
-    """Set the 1-min load average the benchmarks read, on a 2-core machine."""
+    """Set the 1-min load average the benchmarks read, on a 2-core machine that cannot tell a thread's wait."""
     monkeypatch.setattr(conditions_module, "core_count", lambda: 2)
+    monkeypatch.setattr(conditions_module, "runqueue_wait_s", lambda: math.nan)
 
     def set_load(value: float) -> None:
         monkeypatch.setattr(conditions_module.os, "getloadavg", lambda: (value, value, value))
@@ -49,6 +54,43 @@ def test_a_loaded_machine_warns_and_a_quiet_one_does_not(load):
     stream = io.StringIO()
     print_warnings("bench x", loaded, stream)
     assert stream.getvalue().startswith("bench x: warning: machine loaded:")
+
+
+def test_a_high_load_average_warns_only_when_the_compute_thread_waited_for_a_core(load, monkeypatch):
+    load(2.8)  # what a benchmark's own 2 ranks and their background threads read on 2 cores
+    for waited_s, warned in ((0.02, False), (0.2, True)):
+        clock = iter([100.0, 101.0])  # one second from start to finish
+        waits = iter([5.0, 5.0 + waited_s])
+        monkeypatch.setattr(conditions_module, "runqueue_wait_s", lambda: next(waits))
+        monkeypatch.setattr(conditions_module.time, "perf_counter", lambda: next(clock))
+        fields = BenchConditions(ranks=2).finish(threads_per_rank=1)
+        assert fields["compute_thread_wait_share"] == pytest.approx(waited_s)
+        assert bool(fields["warnings"]) == warned
+    assert "compute thread waited for a core 20% of the run" in fields["warnings"][0]
+    assert "load average reached 2.80 on 2 cores" in fields["warnings"][0]
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@pytest.mark.skipif(math.isnan(conditions_module.runqueue_wait_s()), reason="no Linux schedstat here")
+def test_a_thread_that_shares_its_core_is_measured_waiting():
+    """Real contention: more spinning processes than cores make this thread wait a third of the time or more."""
+    spinners = [multiprocessing.Process(target=_spin, args=(3.0,)) for _ in range(2 * conditions_module.core_count())]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        conditions = BenchConditions()
+        _spin(1.0)
+        fields = conditions.finish()
+    finally:
+        for spinner in spinners:
+            spinner.join()
+    assert fields["compute_thread_wait_share"] > 0.25
+    assert any("compute thread waited for a core" in warning for warning in fields["warnings"])
 
 
 def test_a_floor_much_slower_than_its_reference_warns(load):
@@ -119,7 +161,7 @@ def test_the_estimate_of_the_ten_million_class_head():
     assert compact.optimizer_state == 5_000_000 * (512 + 4) and compact.total < partial.total - 2 * GIB
     step = estimate_head_memory(10_000_000, 512, 256, 0.1, 2, "bfloat16", update_in_step=True)
     assert step.softmax - partial.softmax == 500_000 * 512 * 4  # the kept gradient (one fewer workspace)
-    assert step.workspaces == partial.workspaces - 8192 * 512 * 4
+    assert step.workspaces == partial.workspaces - CPU_CHUNK_ROWS * 512 * 4
 
 
 def _bench_head_takes(*options: str) -> bool:

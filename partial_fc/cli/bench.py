@@ -23,6 +23,7 @@ from partial_fc.cli.common import (STORAGE_DTYPES, add_head_options, center_sgd_
                                   print_rank0)
 from partial_fc.comm import Communicator, ReduceOp, get_communicator
 from partial_fc.heads import PartialFC, SparseSGD
+from partial_fc.heads.partial_fc import default_chunk_rows
 from partial_fc.heads.sharding import shard_range
 from partial_fc.perf.conditions import BenchConditions, print_warnings
 from partial_fc.perf.memory import GIB, available_bytes_per_rank, does_not_fit_message, estimate_head_memory
@@ -67,7 +68,6 @@ def _max_over_ranks(comm: Communicator, *values: float) -> list[float]:
 
 # Above this many bytes of whole-size operands and products the floor is timed in row blocks (see MatmulFloor).
 FLOOR_WHOLE_LIMIT_BYTES = 1 << 30
-FLOOR_BLOCK_ROWS = 8192  # the head's chunk_rows
 
 
 class MatmulFloor:
@@ -88,7 +88,7 @@ class MatmulFloor:
         self.layout = "blocks" if whole_bytes > FLOOR_WHOLE_LIMIT_BYTES else "whole"
         self.sampled = sampled
         self.device = device
-        block = min(sampled, FLOOR_BLOCK_ROWS) if self.layout == "blocks" else sampled
+        block = min(sampled, default_chunk_rows(device)) if self.layout == "blocks" else sampled
         self.x = torch.randn(batch_total, args.dim, device=device, dtype=matmul_dtype)
         self.w = torch.randn(block, args.dim, device=device, dtype=matmul_dtype)
         self.g = torch.randn(block, batch_total, device=device, dtype=matmul_dtype)
@@ -177,7 +177,8 @@ def _memory_plan(args: argparse.Namespace, comm: Communicator) -> dict:
     (every rank's answer; the collective also keeps every rank from allocating before all have looked)."""
     head = estimate_head_memory(args.classes, args.dim, args.batch * comm.world_size, args.sample_rate,
                                 comm.world_size, args.storage_dtype, getattr(args, "momentum_dtype", None),
-                                update_in_step=args.update_in_step, fp16=args.fp16)
+                                update_in_step=args.update_in_step, fp16=args.fp16,
+                                chunk_rows=default_chunk_rows(comm.device))
     needed = in_use_bytes(comm.device) + head.total
     available = available_bytes_per_rank(comm.device)
     needed, least_available = _max_over_ranks(comm, needed, -available)
@@ -222,8 +223,8 @@ def run_head(args: argparse.Namespace) -> int:
         conditions.sample()
     medians = {name: statistics.median(values) for name, values in phases.items()}
     step_seconds = medians["forward"] + medians["backward"] + medians["update"]
-    step_seconds, floor_seconds, reference_seconds, slowdown = _max_over_ranks(
-        comm, step_seconds, medians["floor"], reference, medians["floor"] / reference)
+    step_seconds, floor_seconds, reference_seconds, slowdown, wait_share = _max_over_ranks(
+        comm, step_seconds, medians["floor"], reference, medians["floor"] / reference, conditions.wait_share())
     conditions.record_floor(reference_seconds, floor_seconds, slowdown)
     result = {
         **_description(args, comm),
@@ -241,7 +242,7 @@ def run_head(args: argparse.Namespace) -> int:
         "head_estimate_gib": round(plan["head_gib"], 3),
         **memory,
         "fits": True,
-        **conditions.finish(),
+        **conditions.finish(wait_share=wait_share),
     }
     print_rank0(comm, result)
     if comm.rank == 0:

@@ -33,6 +33,16 @@ _FACTS = ("batch", "width", "labels", "finite", "min_label", "max_label", "integ
 # Centers are initialised in blocks of this many global classes, each from its own seed.
 INIT_BLOCK_ROWS = 16384
 
+# Sampled centers are processed this many rows at a time. On a CPU, 1024 keeps a chunk's [rows, D] working arrays
+# in the caches (5% faster steps than 8192 at 1M classes, r=0.1, 2 ranks); a GPU wants larger products.
+CPU_CHUNK_ROWS = 1024
+GPU_CHUNK_ROWS = 8192
+
+
+def default_chunk_rows(device: torch.device) -> int:
+    """The head's chunk of sampled rows on `device` when none is given."""
+    return CPU_CHUNK_ROWS if device.type == "cpu" else GPU_CHUNK_ROWS
+
 
 def initialise_centers(weight: torch.Tensor, class_start: int, seed: int, std: float) -> None:
     """Fill a shard with N(0, std) rows that depend only on their global class ids and `seed`.
@@ -79,6 +89,7 @@ class PartialFC(nn.Module):
 
     Keyword options: `comm` (defaults to the launch's communicator), `storage_dtype` of centers and
     optimizer state (float32, bfloat16, float16 or float64), `seed` of the negative sampling, `init_std`,
+    `chunk_rows` of sampled centers processed at a time (default: `default_chunk_rows` of the device),
     `interclass_filtering_threshold` in [0, 1): negatives with a larger cosine count as cosine 0 and get
     no gradient (0 disables the filter). `initialise=False` leaves the shard's memory untouched until
     `reset_centers()` or a checkpoint fills it (a resume, which would overwrite the whole shard anyway).
@@ -96,12 +107,13 @@ class PartialFC(nn.Module):
         storage_dtype: torch.dtype = torch.float32,
         seed: int = 0,
         init_std: float = 0.01,
-        chunk_rows: int = 8192,
+        chunk_rows: int | None = None,
         interclass_filtering_threshold: float = 0.0,
         initialise: bool = True,
     ) -> None:
         super().__init__()
         self.comm = comm if comm is not None else get_communicator()
+        chunk_rows = default_chunk_rows(self.comm.device) if chunk_rows is None else chunk_rows
         threshold = _filtering_threshold(margin_loss, interclass_filtering_threshold)
         self._check_arguments(embedding_size, num_classes, sample_rate, storage_dtype, chunk_rows, threshold)
         self.margin = as_margin(margin_loss)

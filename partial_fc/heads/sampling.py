@@ -6,6 +6,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from partial_fc.heads.row_copy import take_rows
+
 
 class SampledCenters(NamedTuple):
     """`index`: sorted local rows of the shard in use; (`rows`, `cols`): each held positive's batch row and column."""
@@ -83,9 +85,4 @@ def gather_rows(source: torch.Tensor, index: torch.Tensor, workspace: torch.Tens
 
     Reusing one buffer per chunk keeps the allocator out of the hot loop (no page faults, no heap growth).
     """
-    out = workspace[: index.numel()]
-    if source.dtype == workspace.dtype:
-        torch.index_select(source, 0, index, out=out)
-    else:
-        out.copy_(source.index_select(0, index))
-    return out
+    return take_rows(source, index, workspace[: index.numel()])

@@ -148,24 +148,17 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
         # d loss / d cosine = s * (p - onehot) / B, or slope * (p - 1) / B at a positive, then through the
         # division by each center's norm. With p = e / sum_exp, the buffer (e) is scaled only per row (s / |w|)
         # a chunk at a time; the per-column factor 1 / (B * sum_exp) goes onto the small [B, D] operands
-        # instead: G X = (E_r) (q X) and G^T W = q (E_r^T W). A positive's entry is stored divided by its q.
+        # instead: G X = (E_r) (q X) and G^T W = q (E_r^T W). A positive's entry is stored divided by its q, and
+        # by its row's scale, which the chunk's row scaling then puts back.
         per_sample = grad_loss / embeddings.shape[0]
         column_scale = per_sample / sum_exp
-        target = (grad[cols, rows] - sum_exp[rows]).mul_(target_slopes).mul_(inverse_norms[cols])
-        order = cols.argsort()
-        cols, rows, target = cols[order], rows[order], target[order]
-        row_scale = inverse_norms * ctx.scale
+        row_scale = (inverse_norms * ctx.scale).unsqueeze(1)
+        grad[cols, rows] = (grad[cols, rows] - sum_exp[rows]).mul_(target_slopes).div_(ctx.scale)
         scaled_embeddings = embeddings * column_scale.unsqueeze(1) if sink is not None else None
+        squared_inverse_norms = inverse_norms.square().unsqueeze(1) if sink is not None else None
         grad_embeddings = torch.zeros_like(embeddings) if ctx.needs_input_grad[0] else None
-        chunk = workspace.shape[0]
-        starts = torch.arange(0, index.numel() + chunk, chunk, device=cols.device)
-        bounds = torch.searchsorted(cols, starts).tolist()  # the positives of chunk k: bounds[k]:bounds[k + 1]
-        for number, part in enumerate(_chunks(index.numel(), chunk)):
-            block = grad[part]
-            block.mul_(row_scale[part].unsqueeze(1))
-            lo, hi = bounds[number], bounds[number + 1]
-            if hi > lo:
-                block[cols[lo:hi] - part.start, rows[lo:hi]] = target[lo:hi]
+        for part in _chunks(index.numel(), workspace.shape[0]):
+            block = grad[part].mul_(row_scale[part])
             centers = gather_rows(weight, index[part], workspace)
             if grad_embeddings is not None:
                 _mm_into(grad_embeddings, block.t(), centers, ctx.matmul_dtype, accumulate=True)
@@ -174,8 +167,8 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
             center_grad = sink.gradient_slot(part, embeddings)
             _mm_into(center_grad, block, scaled_embeddings, ctx.matmul_dtype)
             # through W / |W|: keep only the part of each center's gradient orthogonal to that center.
-            radial = torch.linalg.vecdot(center_grad, centers).mul_(inverse_norms[part].square())
-            center_grad.addcmul_(centers, radial.unsqueeze(1), value=-1.0)
+            radial = torch.linalg.vecdot(center_grad, centers).unsqueeze_(1).mul_(squared_inverse_norms[part])
+            center_grad.addcmul_(centers, radial, value=-1.0)
             sink.accept(part, centers, center_grad)
         if grad_embeddings is not None:
             grad_embeddings.mul_(column_scale.unsqueeze(1))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from partial_fc.heads.row_copy import put_rows
 from partial_fc.heads.sampling import gather_rows
-from partial_fc.heads.sparse_sgd import SampledRowsSource, SparseRowsOptimizer, write_rows
+from partial_fc.heads.sparse_sgd import SampledRowsSource, SparseRowsOptimizer
 
 
 class SparseAdamW(SparseRowsOptimizer):
@@ -66,8 +67,8 @@ class SparseAdamW(SparseRowsOptimizer):
         exp_avg = gather_rows(state["exp_avg"], index, self._exp_avg).lerp_(grad, 1.0 - beta1)
         exp_avg_sq = gather_rows(state["exp_avg_sq"], index, self._exp_avg_sq)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        write_rows(state["exp_avg"], index, exp_avg)
-        write_rows(state["exp_avg_sq"], index, exp_avg_sq)
+        put_rows(state["exp_avg"], index, exp_avg)
+        put_rows(state["exp_avg_sq"], index, exp_avg_sq)
         denominator = torch.sqrt(exp_avg_sq, out=grad).div_(bias_correction2_sqrt).add_(group["eps"])
         rows.addcdiv_(exp_avg.mul_(step_size.neg_()), denominator)
-        write_rows(weight, index, rows)
+        put_rows(weight, index, rows)

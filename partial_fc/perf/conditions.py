@@ -1,11 +1,17 @@
 """The conditions a benchmark ran under, stated in its JSON, and warnings when they make its figures doubtful.
 
 Every benchmark records the 1-minute load average at its start and end (and the highest reading taken in
-between, at the points where it calls `sample()`), the machine's core count, torch threads per rank and
-ranks. It warns when the machine was loaded: a load average above the core count at any reading, or (the
-head benchmark) a matmul floor during the steps more than `FLOOR_SLOWDOWN_LIMIT` times slower than the
-same products timed alone at start (on the same rank, before the head exists; floors under a millisecond
-are not judged). Warnings go into the JSON's `warnings` list and onto stderr.
+between, at the points where it calls `sample()`), the machine's core count, torch threads per rank, ranks,
+and the share of the run its compute (main) thread spent runnable but waiting for a core (Linux schedstat).
+It warns when the machine was loaded:
+- the compute thread waited for a core more than `WAIT_SHARE_LIMIT` of the run. A load average above the
+  core count alone is not load where that wait was small: a benchmark's own ranks and their sleeping
+  background threads count in the load average (2 ranks on 2 cores read 2.0-2.8);
+- a load average above the core count where the platform cannot tell the wait;
+- (the head benchmark) a matmul floor during the steps more than `FLOOR_SLOWDOWN_LIMIT` times slower than the
+  same products timed alone at start (on the same rank, before the head exists; floors under a millisecond
+  are not judged).
+Warnings go into the JSON's `warnings` list and onto stderr.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from typing import TextIO
 
 import torch
@@ -21,6 +28,8 @@ import torch
 # floors shorter than MIN_CHECKED_FLOOR_S (cache effects and timer noise at toy sizes) are not judged.
 FLOOR_SLOWDOWN_LIMIT = 1.25
 MIN_CHECKED_FLOOR_S = 1e-3
+# The share of the run the compute thread may spend waiting for a core before the machine counts as loaded.
+WAIT_SHARE_LIMIT = 0.05
 
 
 def load_average() -> float:
@@ -28,6 +37,15 @@ def load_average() -> float:
     try:
         return float(os.getloadavg()[0])
     except (OSError, AttributeError):
+        return math.nan
+
+
+def runqueue_wait_s() -> float:
+    """Seconds the calling thread has spent runnable but waiting for a core (Linux schedstat; NaN elsewhere)."""
+    try:
+        with open("/proc/thread-self/schedstat") as stats:
+            return int(stats.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
         return math.nan
 
 
@@ -44,6 +62,7 @@ class BenchConditions:
         self.cores = core_count()
         self.load_start = load_average()
         self.load_readings = [self.load_start]
+        self.wait_start, self.started = runqueue_wait_s(), time.perf_counter()
         self.floor: dict[str, float] | None = None
 
     def sample(self) -> None:
@@ -57,15 +76,26 @@ class BenchConditions:
             slowdown = median_s / reference_s if reference_s > 0 else math.inf
         self.floor = {"reference_s": reference_s, "median_s": median_s, "slowdown": slowdown}
 
-    def warnings(self, load_end: float) -> list[str]:
+    def wait_share(self) -> float:
+        """The share of the run so far the compute thread spent waiting for a core (NaN where unknown)."""
+        return (runqueue_wait_s() - self.wait_start) / max(time.perf_counter() - self.started, 1e-9)
+
+    def warnings(self, load_end: float, wait_share: float = math.nan) -> list[str]:
         """Why the figures may be slower than a quiet machine's; empty when nothing says so."""
         found = []
         readings = [value for value in [*self.load_readings, load_end] if not math.isnan(value)]
-        if readings and max(readings) > self.cores:
+        load_text = (f"the 1-min load average reached {max(readings):.2f} on {self.cores} cores "
+                     f"({self.load_start:.2f} at start, {load_end:.2f} at end)") if readings else "no load average"
+        if wait_share > WAIT_SHARE_LIMIT:
             found.append(
-                f"machine loaded: the 1-min load average reached {max(readings):.2f} on {self.cores} cores "
-                f"({self.load_start:.2f} at start, {load_end:.2f} at end); other work shared the cores, so "
-                "the figures are slower than a quiet machine's"
+                f"machine loaded: the compute thread waited for a core {100 * wait_share:.0f}% of the run "
+                f"({load_text}); other work, or this benchmark's own background threads, shared its core, so the "
+                "figures are slower than a quiet machine's"
+            )
+        elif math.isnan(wait_share) and readings and max(readings) > self.cores:
+            found.append(
+                f"machine loaded: {load_text}; other work shared the cores, so the figures are slower than a "
+                "quiet machine's"
             )
         if (self.floor is not None and self.floor["reference_s"] >= MIN_CHECKED_FLOOR_S
                 and self.floor["slowdown"] > FLOOR_SLOWDOWN_LIMIT):
@@ -77,9 +107,11 @@ class BenchConditions:
             )
         return found
 
-    def finish(self, threads_per_rank: int | None = None) -> dict:
-        """The JSON fields: load averages, cores, threads per rank, ranks, the floor check, `warnings`."""
+    def finish(self, threads_per_rank: int | None = None, wait_share: float | None = None) -> dict:
+        """The JSON fields: load averages, cores, threads per rank, ranks, the compute thread's wait for a core
+        (`wait_share`: the worst rank's, else this thread's), the floor check, `warnings`."""
         load_end = load_average()
+        wait_share = self.wait_share() if wait_share is None else wait_share
         fields = {
             "load_average_start": _rounded(self.load_start),
             "load_average_end": _rounded(load_end),
@@ -88,11 +120,12 @@ class BenchConditions:
             "cores": self.cores,
             "threads_per_rank": torch.get_num_threads() if threads_per_rank is None else threads_per_rank,
             "ranks": self.ranks,
+            "compute_thread_wait_share": None if math.isnan(wait_share) else round(wait_share, 3),
         }
         if self.floor is not None:
             fields["matmul_floor_reference_s"] = round(self.floor["reference_s"], 5)
             fields["floor_over_reference"] = round(self.floor["slowdown"], 3)
-        fields["warnings"] = self.warnings(load_end)
+        fields["warnings"] = self.warnings(load_end, wait_share)
         return fields
 
 

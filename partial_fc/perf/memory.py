@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from partial_fc.heads.partial_fc import CPU_CHUNK_ROWS
+
 GIB = 1024.0**3
 
 # Bytes per element of each dtype the head or a compact momentum may use, and per-row extras (a scale per row).
@@ -90,7 +92,7 @@ def estimate_head_memory(
     update_in_step: bool = False,
     fp16: bool = False,
     optimizer: str = "sgd",
-    chunk_rows: int = 8192,
+    chunk_rows: int = CPU_CHUNK_ROWS,
 ) -> HeadMemory:
     """The head's memory on its largest rank: `batch_total` is the gathered batch (every rank's samples), `fp16`
     the reduced-precision matmuls, `momentum_dtype` a compact momentum's dtype (default: the storage dtype)."""

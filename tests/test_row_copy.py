@@ -1,0 +1,137 @@
+"""The C row copies against torch's index_select / index_copy_: every dtype the head keeps, bad indexes, the
+fallbacks (disabled, no compiler, several threads), concurrent builds, and whole optimizer steps bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from partial_fc.comm import SingleProcessCommunicator
+from partial_fc.heads import ArcFace, PartialFC, SparseAdamW, SparseSGD
+from partial_fc.heads import row_copy
+from partial_fc.heads.row_copy import native_rows_available, put_rows, take_rows
+from tests.launchers import REPO
+
+pytestmark = pytest.mark.skipif(not native_rows_available(), reason="no C compiler to build the row copies")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _table(dtype: torch.dtype, rows: int, width: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(rows, width, generator=generator).to(dtype)
+    return torch.randint(-128, 128, (rows, width), generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, width", [(torch.float32, 512), (torch.float64, 7), (torch.bfloat16, 64),
+                                          (torch.float16, 3), (torch.int8, 16), (torch.int8, 12), (torch.int64, 5)])
+def test_native_copies_equal_torchs(one_thread, dtype, width):
+    table = _table(dtype, 1000, width, seed=1)
+    index = torch.randperm(1000, generator=torch.Generator().manual_seed(2))[:300]  # unsorted, with gaps
+    out = torch.empty(300, width, dtype=dtype)
+    assert row_copy._native(table, index, out) is not None  # the C routine is the one under test
+    assert torch.equal(take_rows(table, index, out), table.index_select(0, index))
+    rows = _table(dtype, 300, width, seed=3)
+    expected = table.clone().index_copy_(0, index, rows)
+    put_rows(table, index, rows)
+    assert torch.equal(table, expected)
+
+
+def test_one_dimensional_tables_and_empty_indexes(one_thread):
+    table = torch.arange(10, dtype=torch.float32)
+    index = torch.tensor([7, 0, 3])
+    assert torch.equal(take_rows(table, index, torch.empty(3)), torch.tensor([7.0, 0.0, 3.0]))
+    put_rows(table, index, torch.tensor([-1.0, -2.0, -3.0]))
+    assert table[[7, 0, 3]].tolist() == [-1.0, -2.0, -3.0]
+    empty = torch.empty(0, dtype=torch.int64)
+    assert take_rows(table, empty, torch.empty(0)).numel() == 0
+    put_rows(table, empty, torch.empty(0))
+
+
+@pytest.mark.parametrize("bad", [1000, -1])
+def test_a_bad_index_is_named_and_nothing_is_written(one_thread, bad):
+    table = _table(torch.float32, 1000, 8, seed=4)
+    before = table.clone()
+    index = torch.tensor([5, 6, bad, 7])
+    with pytest.raises(IndexError, match=rf"row index {bad} \(position 2\) is outside the table's 1000 rows"):
+        take_rows(table, index, torch.empty(4, 8))
+    with pytest.raises(IndexError, match=rf"row index {bad} \(position 2\)"):
+        put_rows(table, index, torch.zeros(4, 8))
+    assert torch.equal(table, before)
+
+
+def test_torchs_ops_run_where_the_routines_do_not_apply(one_thread):
+    table = _table(torch.bfloat16, 100, 8, seed=5)
+    index = torch.tensor([3, 1, 4])
+    converting = torch.empty(3, 8)  # bfloat16 rows into a float32 workspace
+    assert row_copy._native(table, index, converting) is None
+    assert torch.equal(take_rows(table, index, converting), table[index].float())
+    torch.set_num_threads(2)
+    assert row_copy._native(table, index, torch.empty(3, 8, dtype=torch.bfloat16)) is None
+    strided = _table(torch.float32, 100, 16, seed=6)[:, ::2]
+    assert row_copy._native(strided, index, torch.empty(3, 8)) is None
+
+
+def _availability(env: dict) -> str:
+    code = ("from partial_fc.heads.row_copy import native_rows_available, take_rows; import torch; "
+            "torch.set_num_threads(1); t = torch.arange(12.).reshape(6, 2); "
+            "print(native_rows_available(), take_rows(t, torch.tensor([5, 0]), torch.empty(2, 2)).tolist())")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO), **env},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_disabled_or_without_a_compiler_the_results_are_the_same(tmp_path):
+    expected = "[[10.0, 11.0], [0.0, 1.0]]"
+    assert _availability({"PARTIAL_FC_NATIVE_ROWS": "0"}) == f"False {expected}"
+    assert _availability({"CC": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path)}) == f"False {expected}"
+    assert _availability({"XDG_CACHE_HOME": str(tmp_path)}) == f"True {expected}"
+
+
+def test_ranks_building_at_once_all_get_the_library(tmp_path):
+    code = "from partial_fc.heads.row_copy import native_rows_available; assert native_rows_available()"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path)}
+    builds = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE) for _ in range(4)]
+    for build in builds:
+        assert build.wait(timeout=120) == 0, build.stderr.read()
+    built = sorted(path.name for path in (tmp_path / "partial_fc" / "native").iterdir())
+    assert len(built) == 1 and built[0].startswith("row_copy-") and built[0].endswith(".so")
+
+
+def _train(optimizer_kind: str, storage_dtype: torch.dtype) -> list[torch.Tensor]:
+    comm = SingleProcessCommunicator()
+    head = PartialFC(ArcFace(), 32, 600, 0.3, comm=comm, storage_dtype=storage_dtype, seed=1, chunk_rows=64)
+    if optimizer_kind == "adamw":
+        optimizer = SparseAdamW(head, lr=1e-3)
+    else:
+        optimizer = SparseSGD(head, lr=0.1, momentum_dtype="int8" if optimizer_kind == "sgd-int8" else "storage")
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(4):
+        embeddings = torch.randn(24, 32, generator=generator, requires_grad=True)
+        head(embeddings, torch.randint(0, 600, (24,), generator=generator)).backward()
+        optimizer.step()
+    return [head.weight.clone(), *(state.clone() for state in optimizer.state[head.weight].values())]
+
+
+@pytest.mark.parametrize("optimizer_kind, storage_dtype", [("sgd", torch.float32), ("sgd-int8", torch.bfloat16),
+                                                           ("adamw", torch.float32), ("sgd", torch.float64)])
+def test_optimizer_steps_are_bit_identical_with_and_without_the_routines(one_thread, monkeypatch, optimizer_kind,
+                                                                         storage_dtype):
+    native = _train(optimizer_kind, storage_dtype)
+    monkeypatch.setattr(row_copy, "_library", lambda: None)
+    reference = _train(optimizer_kind, storage_dtype)
+    assert len(native) == len(reference) > 1
+    for got, expected in zip(native, reference):
+        assert torch.equal(got, expected)
