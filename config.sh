@@ -24,7 +24,7 @@ if [ "${TORCHELASTIC_RESTART_COUNT:-0}" -gt 0 ] && [ -z "${RESUME:-}" ]; then
     RESUME=auto
 fi
 
-# The run: a config file (or a name in configs/), and the settings most often changed per run. A setting
+# The run: a config file (or a name in partial_fc/configs/), and the settings most often changed per run. A setting
 # given here overrides the file; any other config key can be set as PFC_<KEY>=value or --set key=value.
 CONFIG="${CONFIG:-synthetic}"
 SETTINGS=(NETWORK REC OUTPUT NUM_CLASSES NUM_IMAGE NUM_EPOCH BATCH_SIZE LR SAMPLE_RATE EMBEDDING_SIZE FP16

@@ -11,3 +11,7 @@ class InputError(PartialFCError, ValueError):
 
 class MissingInputError(InputError, FileNotFoundError):
     """A file or folder the job needs does not exist; the message names it."""
+
+
+class DatasetError(InputError):
+    """A data set's layout or listing is invalid; the message names the file or folder (and line)."""

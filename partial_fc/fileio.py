@@ -37,15 +37,16 @@ def os_error_cause(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, durable: bool = False) -> Iterator[str]:
+def atomic_path(target: str | os.PathLike, durable: bool = False, suffix: str = ".tmp") -> Iterator[str]:
     """A temporary path beside ``target`` to write to; renamed over ``target`` when the block succeeds.
 
     On failure the temporary file is removed and ``target`` is untouched. The file gets the mode a plain
     ``open()`` would give it. ``durable`` also fsyncs the file before the rename and the folder after it.
+    The temporary's name is ``.<target's name>.<random><suffix>``, so a folder's leftovers can be told by it.
     """
     target = os.fspath(target)
     directory = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=suffix, dir=directory)
     os.close(fd)
     try:
         yield tmp

@@ -8,7 +8,6 @@ from torch.utils.data import default_collate
 
 from partial_fc.data.bad_records import BadRecord
 from partial_fc.data.datasets import (
-    DatasetError,
     ImageFolderDataset,
     PairListDataset,
     RandomFaceDataset,
@@ -21,6 +20,7 @@ from partial_fc.data.loader import LoadedBatch, build_loader, collate, device_ba
 from partial_fc.data.recordio import IndexedRecordWriter, IRHeader, RecordIOError, pack
 from partial_fc.data.sampler import DistributedEpochSampler, SeededBatch
 from partial_fc.data.synthetic import render_identity_image
+from partial_fc.errors import DatasetError
 from partial_fc.eval.verification import evaluate_model
 from tests.faces import face_jpeg, write_faceset
 

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from partial_fc.cli.im2rec import EncodeOptions, pack_list
+from partial_fc.data.im2rec import EncodeOptions, pack_list
 from tests.cli_helpers import assert_one_error, call
 from partial_fc.data.faceset import read_faceset_index, record_label
 from partial_fc.data.recordio import IndexedRecordReader, unpack
@@ -125,7 +125,7 @@ def test_resize_center_crop_png_and_thread_count_do_not_change_the_records(tmp_p
     "layout, message",
     [
         ({}, "no identity folders"),
-        ({"a": 1, "empty": 0}, "identity folder has no images"),
+        ({"a": 1, "empty": 0}, "identity folder holds no images"),
     ],
 )
 def test_bad_folders_are_named(tmp_path, capsys, layout, message):

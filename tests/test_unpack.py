@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-import partial_fc.cli.unpack as unpack_module
+import partial_fc.data.unpack_to_folder as unpack_module
 from tests.cli_helpers import assert_one_error, call
-from partial_fc.cli.unpack import STATE_NAME, numbers_from_labels, unpack_sets
+from partial_fc.data.unpack_to_folder import STATE_NAME, numbers_from_labels, unpack_sets
 from partial_fc.data.faceset import FaceSetWriter
 from partial_fc.data.recordio import IndexedRecordWriter, IRHeader, pack
 from partial_fc.data.synthetic import render_identity_image

@@ -25,7 +25,7 @@ from partial_fc.perf.conditions import BenchConditions, print_warnings
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", default="synthetic",
-                        help="a config file, or the name of one in configs/ (default: synthetic)")
+                        help="a config file, or the name of one in partial_fc/configs/ (default: synthetic)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output")

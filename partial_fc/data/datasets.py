@@ -35,12 +35,12 @@ from partial_fc.data.bad_records import BadRecord, reason_of
 from partial_fc.data.decode import Buffer, DecodeError, decode_into, decode_rgb, flip_images, normalize_images
 from partial_fc.data.faceset import read_faceset_index, read_property, record_label
 from partial_fc.data.headers import scan_labels
+from partial_fc.data.imagefolder import list_images
 from partial_fc.data.recordio import IndexedRecordReader, RecordIOError, unpack
 from partial_fc.data.sampler import SeededBatch
-from partial_fc.errors import InputError
+from partial_fc.errors import DatasetError, InputError
 
 __all__ = [
-    "DatasetError",
     "ImageFolderDataset",
     "PairListDataset",
     "RandomFaceDataset",
@@ -52,15 +52,10 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 Size = Optional[tuple[int, int]]
 Sample = tuple[torch.Tensor, torch.Tensor]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 UNFILLED_LABEL = -1
 """The label of a batch slot left unfilled, more than ``max_bad_per_batch`` records having failed (the head refuses it)."""
 DEFAULT_MAX_BAD_PER_BATCH = 100
 _UNUSABLE = (RecordIOError, DecodeError, OSError)  # what a record that cannot be used raises
-
-
-class DatasetError(InputError):
-    """A data set's layout or listing is invalid; the message names the file or folder (and line)."""
 
 
 class StackedSamples(list):
@@ -252,7 +247,8 @@ class RecordFaceDataset(_FaceDataset):
 
 
 class ImageFolderDataset(_FaceDataset):
-    """``root/<identity>/*.jpg|png``: one sub-folder per identity, classes numbered by sorted folder name."""
+    """``root/<identity>/<image>``: one sub-folder per identity, classes numbered by sorted folder name, the images
+    ``imagefolder.list_images`` lists (the ones ``partial-fc im2rec --list`` packs)."""
 
     def __init__(self, root: PathLike, *, image_size: Size = (112, 112), flip: bool = True,
                  max_bad_per_batch: int = DEFAULT_MAX_BAD_PER_BATCH):
@@ -261,24 +257,8 @@ class ImageFolderDataset(_FaceDataset):
         An empty root or an identity folder without images is an error naming the folder."""
         super().__init__(image_size, flip, max_bad_per_batch)
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(f"{self.root}: not a folder")
-        self.classes = sorted(entry.name for entry in os.scandir(self.root)
-                              if entry.is_dir() and not entry.name.startswith("."))
-        if not self.classes:
-            raise DatasetError(f"{self.root}: no identity folders (expected {self.root}/<identity>/*.jpg)")
-        paths: list[bytes] = []
-        labels: list[int] = []
-        for label, identity in enumerate(self.classes):
-            folder = self.root / identity
-            images = sorted(entry.name for entry in os.scandir(folder)
-                            if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
-            if not images:
-                raise DatasetError(f"{folder}: identity folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            paths.extend(os.fsencode(os.path.join(identity, image)) for image in images)
-            labels.extend([label] * len(images))
-        self._paths = np.array(paths)  # fixed-width bytes: one buffer, not millions of objects
-        self._labels = np.array(labels, dtype=np.int64)
+        self.classes, self._images = list_images(self.root)  # flat buffers: not millions of objects
+        self._labels = np.frombuffer(self._images.labels, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -294,7 +274,7 @@ class ImageFolderDataset(_FaceDataset):
 
     def path(self, index: int) -> Path:
         """The file of sample ``index``."""
-        return self.root / os.fsdecode(self._paths[index])
+        return self.root / self._images.path(index)
 
     def _read(self, index: int) -> tuple[Buffer, int]:
         return self.path(index).read_bytes(), int(self._labels[index])

@@ -25,7 +25,7 @@ from easydict import EasyDict
 from partial_fc.comm import BACKENDS, Communicator
 from partial_fc.errors import InputError, MissingInputError
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped in the package (pyproject package-data)
 ENV_PREFIX = "PFC_"
 
 DEFAULTS: dict[str, Any] = {
