@@ -1,4 +1,5 @@
-"""A non-editable install carries the named configs, so `partial-fc train synthetic` works outside a checkout."""
+"""A non-editable install carries the named configs, so `partial-fc train synthetic` works outside a checkout, and
+the C row copies' source, so they build there too."""
 
 import json
 import os
@@ -7,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from partial_fc.heads.row_copy import native_rows_available
 from tests.launchers import REPO
 
 PROBE = """
 import json
 import partial_fc
 from partial_fc.engine.config import CONFIGS_DIR, load_config
+from partial_fc.heads.row_copy import native_rows_available
 print(json.dumps({
+    "native_rows": native_rows_available(),
     "package": partial_fc.__file__,
     "configs_dir": str(CONFIGS_DIR),
     "names": sorted(path.stem for path in CONFIGS_DIR.glob("*.py")),
@@ -37,10 +41,11 @@ def test_an_installed_package_loads_its_named_configs(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     probe = subprocess.run([sys.executable, "-c", PROBE], cwd=outside, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": str(site)})
+                           env={**os.environ, "PYTHONPATH": str(site), "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert probe.returncode == 0, probe.stderr
     found = json.loads(probe.stdout)
     assert Path(found["package"]).resolve() == (site / "partial_fc" / "__init__.py").resolve()
     assert Path(found["configs_dir"]) == (site / "partial_fc" / "configs").resolve()
     assert {"ms1mv3_r50", "glint360k_r100", "wf42m_pfc02_r50", "synthetic"} <= set(found["names"])
     assert found["synthetic"] == found["by_path"] == "r10_nano"
+    assert found["native_rows"] == native_rows_available()  # row_copy.c ships with the package and builds
