@@ -20,7 +20,7 @@ from partial_fc.comm import Communicator, get_communicator
 from partial_fc.errors import InputError
 from partial_fc.heads.margins import as_margin
 from partial_fc.heads.sampling import RowUpdater, SampledRows, sample_centers
-from partial_fc.heads.sharded_softmax import ShardedMarginSoftmaxLoss
+from partial_fc.heads.sharded_softmax import ShardedMarginSoftmaxLoss, ShardedSoftmaxInputs
 from partial_fc.heads.sharding import shard_range
 
 # Forward passes whose sampled rows may wait for SparseSGD.step(); more means nobody is updating the centers.
@@ -135,7 +135,7 @@ class PartialFC(nn.Module):
         self.register_buffer("weight", weight)
         self._sampled: list[SampledRows] = []
         self.row_updater: RowUpdater | None = None  # set by an optimizer that updates rows during backward
-        self._grad_anchor = torch.zeros((), requires_grad=True)
+        self._backward_trigger = torch.zeros((), requires_grad=True)
         workspace_rows = min(self.chunk_rows, self.num_local)
         self.workspace = torch.empty((workspace_rows, self.embedding_size), dtype=self.working_dtype, device=device)
 
@@ -231,28 +231,18 @@ class PartialFC(nn.Module):
             local_embeddings.to(self.working_dtype), sizes, grad_scale=self.comm.world_size
         )
         sampled = sample_centers(labels, self.class_start, self.num_local, self.num_sample, self.generator)
-        sink = None
+        sampled_rows = None
         if torch.is_grad_enabled():
             self._check_pending_updates()
-            sink = SampledRows(sampled.index, self.row_updater)
-            self._sampled.append(sink)
+            sampled_rows = SampledRows(sampled.index, self.row_updater)
+            self._sampled.append(sampled_rows)
         matmul_dtype = None
         if self.fp16:
             matmul_dtype = torch.float16 if embeddings.is_cuda else torch.bfloat16
-        return ShardedMarginSoftmaxLoss.apply(
-            F.normalize(embeddings, dim=1),
-            self.weight,
-            sampled.index,
-            sampled.rows,
-            sampled.cols,
-            self.margin,
-            self.interclass_filtering_threshold,
-            self.comm,
-            matmul_dtype,
-            self.workspace,
-            sink,
-            self._grad_anchor if sink is not None else None,
-        )
+        inputs = ShardedSoftmaxInputs(self.weight, sampled, self.margin, self.interclass_filtering_threshold,
+                                      self.comm, matmul_dtype, self.workspace, sampled_rows)
+        trigger = self._backward_trigger if sampled_rows is not None else None
+        return ShardedMarginSoftmaxLoss.apply(F.normalize(embeddings, dim=1), inputs, trigger)
 
     def _check_pending_updates(self) -> None:
         """Catch a training loop that never steps its optimizer, or accumulates gradients into in-backward updates."""

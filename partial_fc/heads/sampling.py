@@ -66,7 +66,7 @@ class SampledRows:
         self.grad: torch.Tensor | None = None
         self.updater = updater
 
-    def gradient_slot(self, part: slice, like: torch.Tensor) -> torch.Tensor:
+    def gradient_buffer(self, part: slice, like: torch.Tensor) -> torch.Tensor:
         """Where backward writes the gradient of the sampled rows `part` (dtype and width of `like`)."""
         if self.updater is not None:
             return self.updater.grad_workspace[: part.stop - part.start]
@@ -74,7 +74,7 @@ class SampledRows:
             self.grad = like.new_empty((self.index.numel(), like.shape[1]))
         return self.grad[part]
 
-    def accept(self, part: slice, rows: torch.Tensor, grad: torch.Tensor) -> None:
+    def gradient_done(self, part: slice, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """The gradient of rows `part` is complete: apply it now if an updater is attached."""
         if self.updater is not None:
             self.updater.update_rows(self.index[part], rows, grad)

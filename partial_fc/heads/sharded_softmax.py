@@ -18,11 +18,13 @@ probability, and hence their gradient, is exactly 0 without any mask kept for ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from partial_fc.comm.base import Communicator, ReduceOp
 from partial_fc.heads.margins import CombinedMargin
-from partial_fc.heads.sampling import SampledRows, gather_rows
+from partial_fc.heads.sampling import SampledCenters, SampledRows, gather_rows
 
 _NORM_FLOOR = 1e-12
 
@@ -60,34 +62,41 @@ def _filter_negatives(logits: torch.Tensor, limit: float, chunk_rows: int) -> to
     return count
 
 
+@dataclass(frozen=True)
+class ShardedSoftmaxInputs:
+    """What the sharded softmax takes beside the embeddings, none of it differentiated.
+
+    `weight`: this rank's center shard; `sampled`: its sampled rows and the positives this rank holds;
+    `filtering_threshold`: inter-class filtering (0 disables it); `matmul_dtype`: reduced-precision products, if
+    any; `workspace`: a reusable [chunk, D] buffer whose first dimension is the chunk size; `sampled_rows`: the
+    record that receives the sampled rows' gradient (None when no gradient is wanted for the centers).
+    """
+
+    weight: torch.Tensor
+    sampled: SampledCenters
+    margin: CombinedMargin
+    filtering_threshold: float
+    comm: Communicator
+    matmul_dtype: torch.dtype | None
+    workspace: torch.Tensor
+    sampled_rows: SampledRows | None
+
+
 class ShardedMarginSoftmaxLoss(torch.autograd.Function):
     """Mean over the gathered batch of -log softmax at each row's positive class, the softmax spanning all shards.
 
-    Inputs: normalized embeddings X [B, D] (the same on every rank); this rank's center shard and the
-    sorted `index` of its sampled rows; the (batch row, sampled column) of every positive this rank holds;
-    the margin; the inter-class filtering threshold (0 disables it); the communicator; an optional
-    reduced-precision matmul dtype; a reusable [chunk, D] workspace (its first dimension is the chunk
-    size); the `SampledRows` record that receives the sampled rows' gradient; and `anchor`, a leaf that
-    requires grad, so that backward runs for the centers even when X needs no gradient (a frozen
-    backbone). Returns the loss; X gets its gradient.
+    Inputs: normalized embeddings X [B, D] (the same on every rank), the `ShardedSoftmaxInputs`, and
+    `backward_trigger`, a leaf that requires grad, so that backward runs for the centers even when X needs no
+    gradient (a frozen backbone). Returns the loss; X gets its gradient, the centers' goes to `sampled_rows`.
     """
 
     @staticmethod
     def forward(
-        ctx,
-        embeddings: torch.Tensor,
-        weight: torch.Tensor,
-        index: torch.Tensor,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
-        margin: CombinedMargin,
-        filtering_threshold: float,
-        comm: Communicator,
-        matmul_dtype: torch.dtype | None,
-        workspace: torch.Tensor,
-        sink: SampledRows | None,
-        anchor: torch.Tensor | None,
+        ctx, embeddings: torch.Tensor, inputs: ShardedSoftmaxInputs, backward_trigger: torch.Tensor | None
     ) -> torch.Tensor:
+        weight, margin, comm, workspace = inputs.weight, inputs.margin, inputs.comm, inputs.workspace
+        index, rows, cols = inputs.sampled
+        filtering_threshold, matmul_dtype = inputs.filtering_threshold, inputs.matmul_dtype
         batch, sampled = embeddings.shape[0], index.numel()
         transposed_embeddings = embeddings.t()
         # 1. scaled cosines s*cos [S, B], a chunk of centers at a time while it is in cache: gather, inverse
@@ -134,15 +143,15 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
                               sum_exp)
         ctx.exponentials = logits
         ctx.weight, ctx.weight_version = weight, weight._version
-        ctx.sink = sink
+        ctx.sampled_rows = inputs.sampled_rows
         ctx.scale, ctx.matmul_dtype, ctx.workspace = margin.s, matmul_dtype, workspace
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         embeddings, index, inverse_norms, rows, cols, target_slopes, sum_exp = ctx.saved_tensors
-        grad, weight, sink, workspace = ctx.exponentials, ctx.weight, ctx.sink, ctx.workspace
-        ctx.exponentials = ctx.sink = ctx.workspace = None
+        grad, weight, sampled_rows, workspace = ctx.exponentials, ctx.weight, ctx.sampled_rows, ctx.workspace
+        ctx.exponentials = ctx.sampled_rows = ctx.workspace = None
         if weight._version != ctx.weight_version:
             raise RuntimeError("the PartialFC centers changed between forward and backward; step the optimizer after backward")
         # d loss / d cosine = s * (p - onehot) / B, or slope * (p - 1) / B at a positive, then through the
@@ -154,22 +163,22 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
         column_scale = per_sample / sum_exp
         row_scale = (inverse_norms * ctx.scale).unsqueeze(1)
         grad[cols, rows] = (grad[cols, rows] - sum_exp[rows]).mul_(target_slopes).div_(ctx.scale)
-        scaled_embeddings = embeddings * column_scale.unsqueeze(1) if sink is not None else None
-        squared_inverse_norms = inverse_norms.square().unsqueeze(1) if sink is not None else None
+        scaled_embeddings = embeddings * column_scale.unsqueeze(1) if sampled_rows is not None else None
+        squared_inverse_norms = inverse_norms.square().unsqueeze(1) if sampled_rows is not None else None
         grad_embeddings = torch.zeros_like(embeddings) if ctx.needs_input_grad[0] else None
         for part in _chunks(index.numel(), workspace.shape[0]):
             block = grad[part].mul_(row_scale[part])
             centers = gather_rows(weight, index[part], workspace)
             if grad_embeddings is not None:
                 _mm_into(grad_embeddings, block.t(), centers, ctx.matmul_dtype, accumulate=True)
-            if sink is None:
+            if sampled_rows is None:
                 continue
-            center_grad = sink.gradient_slot(part, embeddings)
+            center_grad = sampled_rows.gradient_buffer(part, embeddings)
             _mm_into(center_grad, block, scaled_embeddings, ctx.matmul_dtype)
             # through W / |W|: keep only the part of each center's gradient orthogonal to that center.
             radial = torch.linalg.vecdot(center_grad, centers).unsqueeze_(1).mul_(squared_inverse_norms[part])
             center_grad.addcmul_(centers, radial, value=-1.0)
-            sink.accept(part, centers, center_grad)
+            sampled_rows.gradient_done(part, centers, center_grad)
         if grad_embeddings is not None:
             grad_embeddings.mul_(column_scale.unsqueeze(1))
-        return grad_embeddings, None, None, None, None, None, None, None, None, None, None, None
+        return grad_embeddings, None, None
