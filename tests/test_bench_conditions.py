@@ -213,6 +213,10 @@ def test_the_head_table_has_a_row_per_run_including_those_not_run():
     assert "| 10,000,000 | 1 | model parallel (full softmax) |" in table[3]
     assert table[3].endswith("| does not fit: needs ~14.8 GiB per rank, 10.2 GiB available |")
     assert "| 10,000,000 | 0.1 | Partial FC | - | bfloat16 |" in table[4] and "failed: exit status 137" in table[4]
+    own_ranks = {**ran, "compute_thread_wait_share": 0.02, "floor_over_reference": 1.0}  # load 2.9 from its own ranks
+    waited = {**own_ranks, "compute_thread_wait_share": 0.12}
+    quiet_row, loaded_row = head_table([own_ranks, waited]).splitlines()[2:4]
+    assert quiet_row.endswith("| 2.350 |  |") and "warning: loaded, the compute thread waited 12% for a core" in loaded_row
     assert "2 rank(s) x 1 thread(s) on cpu, 2 cores" in table[-1] and "1 of 1 runs warned" in table[-1]
 
 

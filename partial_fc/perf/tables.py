@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from partial_fc.perf.conditions import FLOOR_SLOWDOWN_LIMIT, MIN_CHECKED_FLOOR_S
+from partial_fc.perf.conditions import FLOOR_SLOWDOWN_LIMIT, MIN_CHECKED_FLOOR_S, WAIT_SHARE_LIMIT
 
 HEAD_COLUMNS = ("classes", "r", "method", "backend", "storage", "center update", "step s", "floor s", "step / floor",
                 "samples/s", "peak GiB per rank", "estimate GiB per rank", "notes")
@@ -46,8 +46,10 @@ def _notes(row: dict) -> str:
     if row.get("fits") is False:
         return row.get("message", "does not fit")
     notes = []
-    load, cores = row.get("load_average_max"), row.get("cores")
-    if load is not None and cores and load > cores:
+    load, cores, waited = row.get("load_average_max"), row.get("cores"), row.get("compute_thread_wait_share")
+    if waited is not None and waited > WAIT_SHARE_LIMIT:
+        notes.append(f"warning: loaded, the compute thread waited {100 * waited:.0f}% for a core")
+    elif waited is None and load is not None and cores and load > cores:
         notes.append(f"warning: loaded, load average {load:g} on {cores} cores")
     slowdown, reference = row.get("floor_over_reference"), row.get("matmul_floor_reference_s") or 0.0
     if slowdown is not None and slowdown > FLOOR_SLOWDOWN_LIMIT and reference >= MIN_CHECKED_FLOOR_S:
