@@ -38,7 +38,7 @@ from torch import nn
 
 import partial_fc
 from partial_fc.comm import Communicator
-from partial_fc.engine.agreement import on_every_rank, run_on_root
+from partial_fc.comm.agreement import on_every_rank, run_on_root
 from partial_fc.engine.run_lock import Owner, read_owner, write_owner
 from partial_fc.errors import InputError, MissingInputError, PartialFCError
 from partial_fc.fileio import atomic_path, fsync_path, os_error_cause

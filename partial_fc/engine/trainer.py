@@ -31,11 +31,11 @@ from torch import nn
 from partial_fc.backbones import get_model
 from partial_fc.backbones.weights import load_weights
 from partial_fc.comm import Communicator
+from partial_fc.comm.agreement import run_on_root
 from partial_fc.comm.timed import TimedCommunicator
 from partial_fc.data.datasets import ImageFolderDataset, RandomFaceDataset, RecordFaceDataset
 from partial_fc.data.loader import build_loader, device_batch
 from partial_fc.data.sampler import DistributedEpochSampler
-from partial_fc.engine.agreement import run_on_root
 from partial_fc.engine.checkpoint import (CheckpointSaveError, clean_leftovers, find_latest, load_backbone_state,
                                           load_checkpoint, save_checkpoint)
 from partial_fc.engine.config import SWITCH_AUTO, agree_on_config, changed_keys, config_to_dict
