@@ -157,7 +157,7 @@ def test_interrupted_save_and_leftover_partial_are_ignored_and_cleaned(tmp_path,
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(ckpt, "_write_text_durably", crash)  # dies before the manifest exists
+    monkeypatch.setattr(ckpt, "write_text_durably", crash)  # dies before the manifest exists
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, setup, step=3)
     monkeypatch.undo()

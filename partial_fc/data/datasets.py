@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from partial_fc.data.headers import scan_labels
 from partial_fc.data.recordio import IndexedRecordReader, RecordIOError, unpack
 from partial_fc.data.sampler import SeededBatch
 from partial_fc.errors import InputError
+from partial_fc.fileio import PathLike
 
 __all__ = [
     "DatasetError",
@@ -49,7 +50,6 @@ __all__ = [
     "SyntheticDataset",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
 Size = Optional[tuple[int, int]]
 Sample = tuple[torch.Tensor, torch.Tensor]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")

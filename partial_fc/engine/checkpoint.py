@@ -16,7 +16,6 @@ Loading on another number of ranks reads each new shard's rows from the overlapp
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import datetime
 import hashlib
@@ -30,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -41,7 +40,8 @@ from partial_fc.comm import Communicator
 from partial_fc.comm.agreement import on_every_rank, run_on_root
 from partial_fc.engine.run_lock import Owner, read_owner, write_owner
 from partial_fc.errors import InputError, MissingInputError, PartialFCError
-from partial_fc.fileio import atomic_path, fsync_path, os_error_cause
+from partial_fc.fileio import (PathLike, atomic_path, fsync_path, load_torch_file, os_error_cause, save_durably, sha256_file,
+                               write_text_durably)
 from partial_fc.progress import print_line
 
 __all__ = [
@@ -67,12 +67,9 @@ OWNER = ".owner"  # in a `.partial` folder: the process writing it (removed befo
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 LEFTOVER = re.compile(r"^\.(step_\d{8,}\.(partial|old)|latest\..*\.tmp)$")
 _HASH_BYTES = 32
-_CHUNK = 1 << 20
 _LOAD_BLOCK_BYTES = 64 << 20  # a saved shard is copied into the live one this much at a time
 # Keys under which arcface_torch and common trainers nest a backbone's state dict inside a checkpoint file.
 _NESTED_STATE_KEYS = ("state_dict_backbone", "state_dict")
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 class CheckpointError(PartialFCError):
@@ -112,85 +109,8 @@ def step_dir_name(step: int) -> str:
 # ------------------------------------------------------------------------------------------------ file helpers
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _save_error(path: Any, error: BaseException) -> CheckpointSaveError:
     return CheckpointSaveError(f"cannot write {path}: {os_error_cause(error)}")
-
-
-class _HashingWriter:
-    """A file handle for torch.save that hashes the bytes on their way out (torch's zip writer only appends), so
-    a multi-GB shard is not read back to hash it."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
-
-    def write(self, data: Any) -> int:
-        self.digest.update(data)
-        written = self.handle.write(data)
-        self.size += written
-        return written
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-
-@contextlib.contextmanager
-def _without_zip_crc32() -> Iterator[None]:
-    """torch.save without the zip records' CRC-32, which it computes at ~0.1 GB/s (16 s of a 1.5 GB shard's 17
-    here): the manifest's sha256 of every file is the integrity check, and torch.load does not read the CRCs."""
-    serialization = torch.serialization
-    if not hasattr(serialization, "set_crc32_options"):
-        yield
-        return
-    before = serialization.get_crc32_options()
-    serialization.set_crc32_options(False)
-    try:
-        yield
-    finally:
-        serialization.set_crc32_options(before)
-
-
-def _save_durably(obj: Any, path: Path) -> dict[str, Any]:
-    """torch.save `obj` to `path`, flushed to disk; returns the file's size and sha256 for the manifest."""
-    try:
-        with open(path, "wb") as handle, _without_zip_crc32():
-            writer = _HashingWriter(handle)
-            torch.save(obj, writer)
-            handle.flush()
-            os.fsync(handle.fileno())
-        size = path.stat().st_size
-    except (OSError, RuntimeError) as error:  # torch reports a failed write as RuntimeError("enforce fail ...")
-        raise _save_error(path, error) from error
-    if size != writer.size:  # not everything torch wrote went through the writer: hash the file instead
-        return {"size": size, "sha256": _sha256(path)}
-    return {"size": size, "sha256": writer.digest.hexdigest()}
-
-
-def _write_text_durably(path: Path, text: str) -> None:
-    try:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as error:
-        raise _save_error(path, error) from error
-
-
-def _load(path: Path, mmap: bool = False) -> Any:
-    """torch.load with weights_only=True onto the CPU; an unreadable file is an InputError naming it."""
-    if not path.is_file():
-        raise MissingInputError(f"checkpoint file {path} is missing")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as error:  # noqa: BLE001 - any failure to unpickle is a bad file
-        raise InputError(f"{path} cannot be loaded as a torch file with weights_only=True: {error}") from error
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -263,7 +183,7 @@ def _write_rank_files(partial: Path, comm: Communicator, head: nn.Module, head_o
     record = [start, end]
     rank_state = _rank_state(comm, head, sampler)
     for name, payload in ((_centers_name(start, end), centers), (f"rank_{comm.rank}.pt", rank_state)):
-        meta = _save_durably(payload, partial / name)
+        meta = save_durably(payload, partial / name)
         record += [meta["size"], *bytes.fromhex(meta["sha256"])]
     return record
 
@@ -275,9 +195,9 @@ def _write_root_files(partial: Path, step: int, epoch: int, backbone, backbone_o
     training = {"step": step, "epoch": epoch, "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler_state or None, "extra": extra}
     files = {
-        BACKBONE: _save_durably(_strip_module_prefix(_unwrap(backbone).state_dict()), partial / BACKBONE),
-        BACKBONE_OPTIMIZER: _save_durably(backbone_optimizer.state_dict(), partial / BACKBONE_OPTIMIZER),
-        TRAINING: _save_durably(training, partial / TRAINING),
+        BACKBONE: save_durably(_strip_module_prefix(_unwrap(backbone).state_dict()), partial / BACKBONE),
+        BACKBONE_OPTIMIZER: save_durably(backbone_optimizer.state_dict(), partial / BACKBONE_OPTIMIZER),
+        TRAINING: save_durably(training, partial / TRAINING),
     }
     try:
         torch.load(partial / TRAINING, map_location="cpu", weights_only=True)
@@ -370,7 +290,7 @@ def _publish(root: Path, partial: Path, manifest: dict[str, Any], keep: int) -> 
         if not path.is_file() or path.stat().st_size != meta["size"]:
             raise CheckpointSaveError(f"{path} is not visible to rank 0 with {meta['size']} bytes: the checkpoint "
                                       "root must be a filesystem shared by every rank")
-    _write_text_durably(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    write_text_durably(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     final = root / step_dir_name(manifest["step"])
     replaced = root / f".{final.name}.old"
     try:
@@ -617,7 +537,7 @@ def _check_sizes(directory: Path, manifest: dict[str, Any]) -> None:
 
 def _check_hashes(directory: Path, manifest: dict[str, Any], names: list[str]) -> None:
     for name in names:
-        if _sha256(directory / name) != manifest["files"][name]["sha256"]:
+        if sha256_file(directory / name) != manifest["files"][name]["sha256"]:
             raise CorruptCheckpointError(f"checkpoint file {directory / name} is corrupt: its sha256 differs from "
                                          "the manifest's")
 
@@ -737,7 +657,7 @@ def _release_mapped_pages(tensor: torch.Tensor) -> None:
 
 
 def _copy_mapped_rows(target: torch.Tensor, source: torch.Tensor) -> None:
-    """target.copy_(source), where `source` is rows of a checkpoint file memory-mapped by `_load(mmap=True)` (and
+    """target.copy_(source), where `source` is rows of a checkpoint file memory-mapped by `load_torch_file(mmap=True)` (and
     only such: released anonymous pages would read back as zeros): a block of rows at a time, each block's pages
     released once copied, so loading a shard never holds the saved one beside it."""
     if source.dim() == 0 or source.shape[0] == 0:
@@ -763,7 +683,7 @@ def _load_centers(directory: Path, manifest: dict[str, Any], head: nn.Module, he
         if lo >= hi:
             continue
         path = directory / entry["file"]
-        data = _load(path, mmap=True)
+        data = load_torch_file(path, mmap=True)
         _check_shard(data, entry, path, head.embedding_size, manifest["row_state"])
         source = slice(lo - entry["start"], hi - entry["start"])
         target_rows = slice(lo - first, hi - first)
@@ -867,14 +787,14 @@ def load_checkpoint(
     saved_world = manifest["world_size"]
 
     def restore() -> TrainingState:
-        training = _load(directory / TRAINING)
-        backbone_state = _load(directory / BACKBONE)
+        training = load_torch_file(directory / TRAINING)
+        backbone_state = load_torch_file(directory / BACKBONE)
         try:
             _unwrap(backbone).load_state_dict(_strip_module_prefix(backbone_state))
         except RuntimeError as error:
             raise InputError(f"{directory / BACKBONE} does not fit the backbone: {error}") from error
         try:
-            backbone_optimizer.load_state_dict(_load(directory / BACKBONE_OPTIMIZER))
+            backbone_optimizer.load_state_dict(load_torch_file(directory / BACKBONE_OPTIMIZER))
         except (ValueError, KeyError) as error:
             file = directory / BACKBONE_OPTIMIZER
             raise InputError(f"{file} does not fit the backbone optimizer: {error}") from error
@@ -889,10 +809,10 @@ def load_checkpoint(
                               extra=training["extra"], resharded=saved_world != comm.world_size or not same_shards,
                               path=directory, saved_world_size=saved_world, skipped=skipped)
         if saved_world == comm.world_size:
-            ranked = _load(directory / manifest["rank_files"][comm.rank])
+            ranked = load_torch_file(directory / manifest["rank_files"][comm.rank])
             _restore_rng(ranked["rng"], comm, head)
         else:
-            ranked = _load(directory / manifest["rank_files"][0])
+            ranked = load_torch_file(directory / manifest["rank_files"][0])
             chosen = seed if seed is not None else int(manifest["config"].get("seed", 0))
             _reseed(chosen, state.step, comm, head)
             state.rng_restored = False
@@ -919,7 +839,7 @@ def load_backbone_state(path: PathLike) -> dict[str, torch.Tensor]:
         path = directory / BACKBONE
     elif not path.exists():
         raise MissingInputError(f"backbone weights {path} do not exist")
-    state = _load(path)
+    state = load_torch_file(path)
     if isinstance(state, dict):
         for key in _NESTED_STATE_KEYS:
             if isinstance(state.get(key), dict):

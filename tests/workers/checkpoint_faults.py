@@ -43,7 +43,7 @@ def kill_on_call(name: str, call: int) -> None:
 
 
 KILL_POINTS = {
-    "writing": lambda: kill_on_call("_save_durably", 2),  # some files written, no manifest
+    "writing": lambda: kill_on_call("save_durably", 2),  # some files written, no manifest
     "manifest_written": lambda: kill_on_call("fsync_path", 1),  # complete .partial with its manifest, not renamed
     "renamed": lambda: kill_on_call("atomic_path", 1),  # step_2 in place, `latest` still names step_1
     "latest_written": lambda: kill_on_call("_prune", 1),  # everything but pruning done
