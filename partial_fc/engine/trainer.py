@@ -29,15 +29,15 @@ from easydict import EasyDict
 from torch import nn
 
 from partial_fc.backbones import get_model
-from partial_fc.backbones.weights import load_weights
+from partial_fc.backbones.weights import load_backbone_state, load_weights
 from partial_fc.comm import Communicator
 from partial_fc.comm.agreement import run_on_root
 from partial_fc.comm.timed import TimedCommunicator
 from partial_fc.data.datasets import ImageFolderDataset, RandomFaceDataset, RecordFaceDataset
 from partial_fc.data.loader import build_loader, device_batch
 from partial_fc.data.sampler import DistributedEpochSampler
-from partial_fc.engine.checkpoint import (CheckpointSaveError, clean_leftovers, find_latest, load_backbone_state,
-                                          load_checkpoint, save_checkpoint)
+from partial_fc.engine.checkpoint import (CheckpointSaveError, TrainingParts, backbone_weights_file, clean_leftovers,
+                                          find_latest, load_checkpoint, save_checkpoint)
 from partial_fc.engine.config import SWITCH_AUTO, agree_on_config, changed_keys, config_to_dict
 from partial_fc.engine.distributed import distribute_backbone
 from partial_fc.engine.monitor import PhaseTimer, TrainMonitor
@@ -108,7 +108,7 @@ def build_backbone(cfg: EasyDict, device: torch.device) -> nn.Module:
     """The configured network on ``device``, started from ``cfg.init_weights`` when given."""
     model = get_model(cfg.network, dropout=0.0, fp16=False, num_features=cfg.embedding_size)
     if cfg.init_weights:
-        load_weights(model, load_backbone_state(cfg.init_weights), cfg.init_weights, cfg.network)
+        load_weights(model, load_backbone_state(backbone_weights_file(cfg.init_weights)), cfg.init_weights, cfg.network)
     model = model.to(device)
     if _channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
@@ -234,6 +234,12 @@ class Trainer:
     def checkpoint_root(self) -> Path:
         return self.output / "checkpoints"
 
+    @property
+    def parts(self) -> TrainingParts:
+        """What a checkpoint saves of this run and restores into it."""
+        return TrainingParts(self.raw_backbone, self.backbone_optimizer, self.head, self.head_optimizer, self.schedule,
+                             self.sampler, self.scaler)
+
     def _claim_output(self) -> list[str]:
         """Rank 0: lock the output folder for this run, tidy a dead run's leftover saves, and write config.json,
         which so describes the run that owns the checkpoints; returns the lines to report."""
@@ -293,10 +299,7 @@ class Trainer:
             self._initialise_pending_centers()
             self.monitor.print(f"resume=auto: no checkpoint in {self.checkpoint_root} yet, starting at step 0")
             return
-        state = load_checkpoint(source, comm=self.comm, backbone=self.backbone,
-                                backbone_optimizer=self.backbone_optimizer, head=self.head,
-                                head_optimizer=self.head_optimizer, scheduler=self.schedule,
-                                sampler=self.sampler, scaler=self.scaler)
+        state = load_checkpoint(source, self.parts, comm=self.comm)
         self.centers_pending = False
         if state.step >= self.total_steps:
             raise InputError(f"{state.path} is at step {state.step}, and this plan ends at step {self.total_steps} "
@@ -319,11 +322,8 @@ class Trainer:
         None, to try again at the next checkpoint (``continue``)."""
         with self.watchdog.slow("checkpoint"):
             try:
-                return save_checkpoint(self.checkpoint_root, comm=self.comm, step=self.step,
-                                       epoch=self.sampler.epoch, backbone=self.backbone,
-                                       backbone_optimizer=self.backbone_optimizer, head=self.head,
-                                       head_optimizer=self.head_optimizer, scheduler=self.schedule,
-                                       sampler=self.sampler, scaler=self.scaler, config=config_to_dict(self.cfg),
+                return save_checkpoint(self.checkpoint_root, self.parts, comm=self.comm, step=self.step,
+                                       epoch=self.sampler.epoch, config=config_to_dict(self.cfg),
                                        keep=self.cfg.keep_checkpoints)
             except CheckpointSaveError as error:  # raised alike on every rank, so every rank decides alike
                 if self.cfg.on_save_error == "stop" or final:
