@@ -38,7 +38,7 @@ from partial_fc.data.loader import build_loader, device_batch
 from partial_fc.data.sampler import DistributedEpochSampler
 from partial_fc.engine.checkpoint import (CheckpointSaveError, TrainingParts, backbone_weights_file, clean_leftovers,
                                           find_latest, load_checkpoint, save_checkpoint)
-from partial_fc.engine.config import SWITCH_AUTO, agree_on_config, changed_keys, config_to_dict
+from partial_fc.engine.config import DTYPES, SWITCH_AUTO, agree_on_config, changed_keys, config_to_dict
 from partial_fc.engine.distributed import distribute_backbone
 from partial_fc.engine.monitor import PhaseTimer, TrainMonitor
 from partial_fc.engine.preemption import StopSignals, TrainingPreempted
@@ -53,8 +53,6 @@ from partial_fc.fileio import atomic_path, os_error_cause
 from partial_fc.heads import CombinedMargin, NonFiniteEmbeddings, PartialFC, SparseAdamW, SparseSGD
 from partial_fc.progress import print_line
 
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 WARMUP_PERF_STEPS = 2
 
 
@@ -201,7 +199,7 @@ class Trainer:
                                 m3=cfg.margin_list[2])
         self.head = PartialFC(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate,
                               cfg.fp16 and self.device.type == "cuda", comm=self.comm,
-                              storage_dtype=STORAGE_DTYPES[cfg.storage_dtype], seed=cfg.seed,
+                              storage_dtype=DTYPES[cfg.storage_dtype], seed=cfg.seed,
                               interclass_filtering_threshold=cfg.interclass_filtering_threshold,
                               initialise=not cfg.resume)  # a resume fills the shard: not written twice
         self.centers_pending = bool(cfg.resume)  # until resume() loads them, or finds none and initialises
@@ -212,7 +210,7 @@ class Trainer:
         self.schedule = PolyWarmupSchedule([self.backbone_optimizer, self.head_optimizer], cfg.lr,
                                            self.total_steps, warmup, cfg.lr_power,
                                            lr_mults=[cfg.backbone_lr_mult, 1.0])
-        self.amp_dtype = AMP_DTYPES[cfg.amp_dtype] if cfg.fp16 else None
+        self.amp_dtype = DTYPES[cfg.amp_dtype] if cfg.fp16 else None
         use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, num_workers=cfg.num_workers,
