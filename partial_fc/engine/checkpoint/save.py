@@ -20,8 +20,8 @@ from partial_fc.comm import Communicator
 from partial_fc.comm.agreement import on_every_rank, run_on_root
 from partial_fc.engine.checkpoint.errors import CheckpointError, CheckpointSaveError
 from partial_fc.engine.checkpoint.find import checkpoints_newest_first, find_latest, next_sequence
-from partial_fc.engine.checkpoint.layout import (BACKBONE, BACKBONE_OPTIMIZER, FORMAT, LATEST, LEFTOVER, MANIFEST, OWNER,
-                                                 TRAINING, VERSION, centers_name, rank_name, step_dir_name)
+from partial_fc.engine.checkpoint.layout import (BACKBONE, BACKBONE_OPTIMIZER, FORMAT, LATEST, LEFTOVER, MANIFEST,
+                                                 OWNER, TRAINING, VERSION, centers_name, rank_name, step_dir_name)
 from partial_fc.engine.checkpoint.parts import TrainingParts
 from partial_fc.engine.checkpoint.rng import rng_state
 from partial_fc.engine.run_lock import Owner, read_owner, write_owner
