@@ -54,7 +54,8 @@ def build(comm: Communicator, seed: int = 0, momentum_dtype: str = "storage") ->
     torch.manual_seed(seed)
     backbone = nn.Linear(INPUTS, DIM)
     optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    backbone, optimizer = distribute_backbone(backbone, optimizer, comm)
+    replicas = distribute_backbone(backbone, optimizer, comm)
+    backbone, optimizer = replicas.module, replicas.optimizer
     head = PartialFC(ArcFace(), DIM, CLASSES, sample_rate=0.5, comm=comm, seed=seed)
     head_optimizer = SparseSGD(head, lr=0.2, momentum=0.9, weight_decay=5e-4, momentum_dtype=momentum_dtype)
     scheduler = LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.5 * step))
