@@ -17,16 +17,19 @@ import pytest
 import torch
 from torch import nn
 
+from partial_fc.backbones.weights import load_backbone_state
 from partial_fc.comm import SingleProcessCommunicator
 from partial_fc.engine import checkpoint as ckpt
 from partial_fc.engine.checkpoint import (
+    TrainingParts,
     TrainingState,
+    backbone_weights_file,
     clean_leftovers,
     find_latest,
-    load_backbone_state,
     load_checkpoint,
     save_checkpoint,
 )
+from partial_fc.engine.checkpoint import save as saving
 from partial_fc.engine.run_lock import STALE_AFTER_S, OutputFolderError, Owner, RunLock, read_owner, write_owner
 from partial_fc.errors import InputError, MissingInputError
 from tests import mounts
@@ -44,7 +47,7 @@ def trained(steps: int = 2, seed: int = 0):
 
 
 def save(root, setup, step: int, **options) -> Path:
-    return save_checkpoint(root, step=step, epoch=setup.sampler.epoch, **setup.parts(), **options)
+    return save_checkpoint(root, setup.parts(), comm=setup.comm, step=step, epoch=setup.sampler.epoch, **options)
 
 
 def snapshot(setup) -> dict:
@@ -93,7 +96,7 @@ def test_round_trip_continues_bit_identically(tmp_path):
 
     fresh = build(COMM, seed=5)  # different initial weights, centers and sampling stream
     torch.manual_seed(123)
-    state = load_checkpoint(tmp_path, **fresh.parts())
+    state = load_checkpoint(tmp_path, fresh.parts(), comm=COMM)
     assert isinstance(state, TrainingState)
     assert (state.step, state.epoch, state.resharded, state.rng_restored) == (2, 0, False, True)
     assert state.config == {"seed": 0, "lr": 0.1} and state.extra["best"] == 0.5
@@ -109,7 +112,7 @@ def test_backbone_is_saved_without_ddp_prefix_and_loads_from_every_source(tmp_pa
     path = save(tmp_path / "run", setup, step=1)
     weights = setup.backbone.module.state_dict()
     for source in (path, tmp_path / "run"):
-        state = load_backbone_state(source)
+        state = load_backbone_state(backbone_weights_file(source))
         assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
     published = tmp_path / "backbone.pth"
     torch.save(wrapped.state_dict(), published)  # arcface_torch-style plain file, with DDP prefixes
@@ -157,7 +160,7 @@ def test_interrupted_save_and_leftover_partial_are_ignored_and_cleaned(tmp_path,
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(ckpt, "_write_text_durably", crash)  # dies before the manifest exists
+    monkeypatch.setattr(saving, "write_text_durably", crash)  # dies before the manifest exists
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, setup, step=3)
     monkeypatch.undo()
@@ -165,7 +168,7 @@ def test_interrupted_save_and_leftover_partial_are_ignored_and_cleaned(tmp_path,
     assert find_latest(tmp_path) == good
 
     fresh = build(COMM, seed=9)
-    assert load_checkpoint(tmp_path, **fresh.parts()).step == 2
+    assert load_checkpoint(tmp_path, fresh.parts(), comm=COMM).step == 2
     assert_same(snapshot(fresh), expected)
 
     save(tmp_path, fresh, step=3)
@@ -231,7 +234,7 @@ def test_bad_checkpoint_files_raise_input_error_naming_the_file(tmp_path, case):
     path = save(tmp_path, trained(1), step=1)
     named = corrupt(path, case)
     with pytest.raises(InputError, match=ERRORS[case]) as caught:
-        load_checkpoint(path, **build(COMM).parts())
+        load_checkpoint(path, build(COMM).parts(), comm=COMM)
     assert named in str(caught.value)
 
 
@@ -275,14 +278,15 @@ def adam_like_head(start: int, end: int, seed: int):
 def test_every_per_row_optimizer_tensor_is_resharded_and_scalar_state_kept(tmp_path):
     setup = build(COMM)
     head, optimizer = adam_like_head(0, CLASSES, seed=3)
-    path = save_checkpoint(tmp_path, comm=COMM, step=4, epoch=0, backbone=setup.backbone,
-                           backbone_optimizer=setup.backbone_optimizer, head=head, head_optimizer=optimizer)
+    path = save_checkpoint(tmp_path, TrainingParts(backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer,
+                                                   head=head, head_optimizer=optimizer), comm=COMM, step=4, epoch=0)
     assert json.loads((path / "manifest.json").read_text())["row_state"] == ["exp_avg", "exp_avg_sq", "row_norm"]
     saved = optimizer.state[head.weight]
     for start, end in ((0, 17), (17, 34), (34, 50), (10, 45)):
         shard, shard_optimizer = adam_like_head(start, end, seed=11)
-        state = load_checkpoint(path, comm=FirstOfMany(3), backbone=setup.backbone,
-                                backbone_optimizer=setup.backbone_optimizer, head=shard, head_optimizer=shard_optimizer)
+        parts = TrainingParts(backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer, head=shard,
+                              head_optimizer=shard_optimizer)
+        state = load_checkpoint(path, parts, comm=FirstOfMany(3))
         assert state.resharded and not state.rng_restored and state.notes
         loaded = shard_optimizer.state[shard.weight]
         assert torch.equal(shard.weight, head.weight[start:end])
@@ -313,12 +317,14 @@ def test_sampler_without_world_size_restarts_the_epoch_on_another_world_size(tmp
     head, optimizer = adam_like_head(0, CLASSES, seed=3)
     sampler = EpochOnlySampler()
     sampler.epoch, sampler.position = 2, 7
-    path = save_checkpoint(tmp_path, comm=COMM, step=9, epoch=2, backbone=setup.backbone, sampler=sampler,
-                           backbone_optimizer=setup.backbone_optimizer, head=head, head_optimizer=optimizer)
+    path = save_checkpoint(tmp_path, TrainingParts(backbone=setup.backbone, sampler=sampler,
+                                                   backbone_optimizer=setup.backbone_optimizer, head=head,
+                                                   head_optimizer=optimizer), comm=COMM, step=9, epoch=2)
     shard, shard_optimizer = adam_like_head(0, 17, seed=1)
     resumed = EpochOnlySampler()
-    state = load_checkpoint(path, comm=FirstOfMany(3), backbone=setup.backbone, sampler=resumed,
-                            backbone_optimizer=setup.backbone_optimizer, head=shard, head_optimizer=shard_optimizer)
+    state = load_checkpoint(path, TrainingParts(backbone=setup.backbone, sampler=resumed,
+                                                backbone_optimizer=setup.backbone_optimizer, head=shard,
+                                                head_optimizer=shard_optimizer), comm=FirstOfMany(3))
     assert state.sampler_restarted and (resumed.epoch, resumed.position) == (2, 0)
     assert any("restarts from its beginning" in note for note in state.notes)
 
@@ -395,15 +401,15 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_newest_valid_one_is_loa
     train_step(setup)
     named = corrupt(save(tmp_path, setup, step=2), case)
     fresh = build(COMM, seed=4)
-    state = load_checkpoint(tmp_path, **fresh.parts())
+    state = load_checkpoint(tmp_path, fresh.parts(), comm=COMM)
     assert (state.step, state.path) == (1, tmp_path / "step_00000001")
     assert len(state.skipped) == 1 and named in state.skipped[0], state.skipped
     assert_same(snapshot(fresh), expected)
     with pytest.raises(ckpt.CorruptCheckpointError, match=re.escape(named)):  # named explicitly: no fallback
-        load_checkpoint(tmp_path / "step_00000002", **build(COMM).parts())
+        load_checkpoint(tmp_path / "step_00000002", build(COMM).parts(), comm=COMM)
     corrupt(tmp_path / "step_00000001", "flipped_byte")
     with pytest.raises(ckpt.CorruptCheckpointError, match=f"no valid checkpoint in {re.escape(str(tmp_path))}"):
-        load_checkpoint(tmp_path, **build(COMM).parts())
+        load_checkpoint(tmp_path, build(COMM).parts(), comm=COMM)
 
 
 def test_the_newest_checkpoint_is_the_last_saved_not_the_highest_step(tmp_path):
@@ -411,10 +417,10 @@ def test_the_newest_checkpoint_is_the_last_saved_not_the_highest_step(tmp_path):
     setup = trained(1)
     for step in (2, 4):
         save(tmp_path, setup, step=step)
-    load_checkpoint(tmp_path / "step_00000002", **setup.parts())
+    load_checkpoint(tmp_path / "step_00000002", setup.parts(), comm=COMM)
     save(tmp_path, setup, step=3)
     assert find_latest(tmp_path) == tmp_path / "step_00000003"  # not the abandoned step 4
-    assert load_checkpoint(tmp_path, **build(COMM).parts()).step == 3
+    assert load_checkpoint(tmp_path, build(COMM).parts(), comm=COMM).step == 3
     save(tmp_path, setup, step=4, keep=2)  # the new line's step 4 replaces the old one; pruning goes by save order
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003", "step_00000004"]
     assert json.loads((tmp_path / "step_00000004" / "manifest.json").read_text())["sequence"] == 4
@@ -437,7 +443,7 @@ def test_a_kill_at_any_moment_of_a_save_leaves_the_newest_complete_checkpoint_to
         tidied = clean_leftovers(root)  # what the next run (or save) does first
         assert not list(root.glob(".*")), (point, tidied)
         assert find_latest(root) == root / f"step_{newest:08d}", (point, tidied)
-        assert load_checkpoint(root, **build(COMM).parts()).step == newest, point
+        assert load_checkpoint(root, build(COMM).parts(), comm=COMM).step == newest, point
 
 
 def test_failed_saves_on_a_full_then_read_only_disk_remove_their_partial_and_keep_the_previous(tmp_path):
@@ -458,7 +464,7 @@ def test_failed_saves_on_a_full_then_read_only_disk_remove_their_partial_and_kee
     assert outcome["after_step_2"] == ["ballast", "latest", "step_00000001"]
     assert outcome["after_step_3"] == ["latest", "step_00000001"] and outcome["latest"] == "step_00000001"
     kept = tmp_path / "kept"
-    assert load_checkpoint(kept, **build(COMM).parts()).step == 1  # intact and loadable
+    assert load_checkpoint(kept, build(COMM).parts(), comm=COMM).step == 1  # intact and loadable
 
 
 # ---------------------------------------------------------------------------------- run lock and leftovers

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from partial_fc.comm.single import SingleProcessCommunicator
-from partial_fc.engine.checkpoint import load_backbone_state
+from partial_fc.backbones.weights import load_backbone_state
+from partial_fc.engine.checkpoint import backbone_weights_file
 from partial_fc.engine.config import load_config
 from partial_fc.engine.schedule import PolyWarmupSchedule
 from partial_fc.engine.trainer import Trainer
@@ -58,7 +59,7 @@ def test_frozen_steps_leave_every_backbone_tensor_and_its_optimizer_untouched(fa
     else:
         job = launch("mpirun", 2, ["-m", "partial_fc", "train", *argv], timeout=300)
         assert job.returncode == 0, job.stderr
-    start = load_backbone_state(trained)
+    start = load_backbone_state(backbone_weights_file(trained))
     steps = tmp_path / "out" / "checkpoints"
     frozen, moved = backbone_tensors(steps / "step_00000003"), backbone_tensors(steps / "step_00000006")
     assert set(frozen) == set(start) and any("running_var" in key for key in start)
@@ -90,7 +91,7 @@ def test_a_fine_tuning_run_reports_the_freeze_and_the_backbone_rate(faceset, tra
 def test_resume_pointed_at_weights_or_another_label_set_suggests_init_weights(faceset, trained, tmp_path, capsys):
     weights = tmp_path / "published" / "backbone.pth"
     weights.parent.mkdir()
-    torch.save(load_backbone_state(trained), weights)
+    torch.save(load_backbone_state(backbone_weights_file(trained)), weights)
     for target in (weights, weights.parent):
         status, _, err = call(capsys, "train", *settings(faceset, tmp_path / "a"), "--set", f"resume={target}")
         assert_one_error(status, err, f"resume={target}", "no partial_fc checkpoint but backbone.pth" if target.is_dir() else

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from partial_fc.comm import SingleProcessCommunicator
-from partial_fc.engine.checkpoint import load_checkpoint, save_checkpoint
+from partial_fc.engine.checkpoint import TrainingParts, load_checkpoint, save_checkpoint
 from partial_fc.engine.config import load_config
 from partial_fc.engine.trainer import Trainer, build_optimizers
 from partial_fc.errors import InputError
@@ -205,7 +205,7 @@ def saved_int8_checkpoint(root: Path, steps: int = 3):
     setup = build(COMM, momentum_dtype="int8")
     for _ in range(steps):
         train_step(setup)
-    path = save_checkpoint(root, step=steps, epoch=setup.sampler.epoch, **setup.parts())
+    path = save_checkpoint(root, setup.parts(), comm=COMM, step=steps, epoch=setup.sampler.epoch)
     return setup, path
 
 
@@ -219,14 +219,14 @@ def test_int8_state_reshards_bit_exactly_and_continues_exactly(tmp_path):
     continued = [train_step(setup) for _ in range(2)]  # before any load re-seeds the generators
     for start, end in ((0, 17), (17, 34), (34, 50), (10, 45)):
         head, optimizer = shard_with_int8_sgd(start, end)
-        load_checkpoint(path, comm=FirstOfMany(3), backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer,
-                        head=head, head_optimizer=optimizer)
+        load_checkpoint(path, TrainingParts(backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer,
+                                            head=head, head_optimizer=optimizer), comm=FirstOfMany(3))
         loaded = optimizer.state[head.weight]
         assert torch.equal(head.weight, saved_centers[start:end])
         for key in ("momentum_code", "momentum_absmax"):
             assert loaded[key].dtype == saved[key].dtype and torch.equal(loaded[key], saved[key][start:end]), key
     resumed = build(COMM, seed=5, momentum_dtype="int8")
-    load_checkpoint(path, **resumed.parts())
+    load_checkpoint(path, resumed.parts(), comm=COMM)
     assert [train_step(resumed) for _ in range(2)] == continued
     assert torch.equal(setup.head.weight, resumed.head.weight)
     for key in ("momentum_code", "momentum_absmax"):
@@ -260,7 +260,7 @@ def test_a_checkpoint_whose_momentum_does_not_fit_is_a_clear_error(tmp_path, cas
     saved_as = "storage" if case == "storage into int8" else "int8"
     setup = build(COMM, momentum_dtype=saved_as)
     train_step(setup)
-    path = save_checkpoint(tmp_path, step=1, epoch=0, **setup.parts())
+    path = save_checkpoint(tmp_path, setup.parts(), comm=COMM, step=1, epoch=0)
     if case == "float codes":
         rewrite_centers(path, lambda data: data["row_state"].update(momentum_code=data["row_state"]["momentum_code"]
                                                                     .float()))
@@ -270,8 +270,8 @@ def test_a_checkpoint_whose_momentum_does_not_fit_is_a_clear_error(tmp_path, cas
     into = {"storage into int8": "int8", "int8 into storage": "storage"}.get(case, "int8")
     head, optimizer = shard_with_int8_sgd(0, CLASSES, into, momentum=0.0 if case == "int8 into none" else 0.9)
     with pytest.raises(InputError, match=message):
-        load_checkpoint(path, comm=COMM, backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer,
-                        head=head, head_optimizer=optimizer)
+        load_checkpoint(path, TrainingParts(backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer,
+                                            head=head, head_optimizer=optimizer), comm=COMM)
 
 
 def job(ranks: int, out: Path, *arguments: str) -> dict:

@@ -58,7 +58,7 @@ def test_global_moments_of_one_rank_are_the_batch_moments(single):
 def test_distribute_backbone_converts_on_request(single):
     model = get_model("r10_nano", num_features=16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    same, _ = distribute_backbone(model, optimizer, single)
+    same = distribute_backbone(model, optimizer, single).module
     assert same is model and not any(isinstance(m, SyncBatchNorm) for m in model.modules())
     distribute_backbone(model, optimizer, single, sync_batchnorm=True)
     assert any(isinstance(m, SyncBatchNorm) for m in model.modules())

@@ -1,13 +1,42 @@
-"""Putting saved weights into a backbone strictly, with an error that says which keys or shapes differ."""
+"""Backbone weights: read from a torch file, and put into a backbone strictly, with an error that says which keys or
+shapes differ."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from partial_fc.errors import InputError
+from partial_fc.fileio import PathLike, load_torch_file
 
 _SHOWN = 5
+# Keys under which arcface_torch and common trainers nest a backbone's state dict inside a checkpoint file.
+_NESTED_STATE_KEYS = ("state_dict_backbone", "state_dict")
+
+
+def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without the `module.` prefix DataParallel / DistributedDataParallel put on every key."""
+    if state and all(key.startswith("module.") for key in state):
+        return {key[len("module."):]: value for key, value in state.items()}
+    return dict(state)
+
+
+def load_backbone_state(path: PathLike) -> dict[str, torch.Tensor]:
+    """The backbone state dict in the torch file `path`: a plain one (arcface_torch's `backbone.pth`, a checkpoint's
+    `backbone.pt`) or one a trainer nested under its key, without a `module.` prefix; anything else is an InputError."""
+    path = Path(path)
+    state = load_torch_file(path, "backbone weights file")
+    if isinstance(state, dict):
+        for key in _NESTED_STATE_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
+        raise InputError(f"{path} is not a backbone state dict (a mapping of parameter names to tensors)")
+    return strip_module_prefix(state)
 
 
 def _first(names: list[str]) -> str:

@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 
 from partial_fc.cli import bench_data, bench_ijb
-from partial_fc.cli.common import (STORAGE_DTYPES, add_head_options, center_sgd_from_options, head_from_options,
-                                  print_rank0)
+from partial_fc.cli.common import add_head_options, center_sgd_from_options, head_from_options, print_rank0
 from partial_fc.comm import Communicator, ReduceOp, get_communicator
+from partial_fc.engine.config import DTYPES
 from partial_fc.heads import PartialFC, SparseSGD
 from partial_fc.heads.partial_fc import default_chunk_rows
 from partial_fc.heads.sharding import shard_range
@@ -81,7 +81,7 @@ class MatmulFloor:
 
     def __init__(self, args: argparse.Namespace, comm: Communicator) -> None:
         device, rows = comm.device, shard_range(args.classes, comm.world_size, comm.rank)[1]
-        dtype = torch.promote_types(STORAGE_DTYPES[args.storage_dtype], torch.float32)  # the head's working dtype
+        dtype = torch.promote_types(DTYPES[args.storage_dtype], torch.float32)  # the head's working dtype
         matmul_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.fp16 else dtype
         sampled, batch_total = max(1, int(args.sample_rate * rows)), args.batch * comm.world_size
         whole_bytes = sampled * (2 * args.dim + batch_total) * torch.empty((), dtype=matmul_dtype).element_size()

@@ -6,15 +6,11 @@ import argparse
 import json
 from typing import Any
 
-import torch
-
 from partial_fc.comm import BACKENDS, Communicator
+from partial_fc.engine.config import DTYPES, MOMENTUM_DTYPES
 from partial_fc.errors import InputError
 from partial_fc.heads import ArcFace, CombinedMargin, CosFace, PartialFC, SparseSGD
 from partial_fc.progress import print_line
-
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-MOMENTUM_DTYPES = ("storage", "int8", "none")
 
 
 def add_head_options(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +26,7 @@ def add_head_options(parser: argparse.ArgumentParser) -> None:
         help="arcface, cosface, or m1,m2,m3 for the combined margin s*(cos(m1*t+m2)-m3)",
     )
     parser.add_argument("--scale", type=float, default=64.0, help="logit scale s")
-    parser.add_argument("--storage-dtype", choices=sorted(STORAGE_DTYPES), default="float32")
+    parser.add_argument("--storage-dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument(
         "--momentum-dtype",
         choices=MOMENTUM_DTYPES,
@@ -65,7 +61,7 @@ def head_from_options(args: argparse.Namespace, comm: Communicator) -> PartialFC
         args.sample_rate,
         args.fp16,
         comm=comm,
-        storage_dtype=STORAGE_DTYPES[args.storage_dtype],
+        storage_dtype=DTYPES[args.storage_dtype],
         seed=args.seed,
     )
 

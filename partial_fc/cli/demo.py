@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     head = head_from_options(args, comm)
     backbone = ToyBackbone(args.input_dim, args.dim).to(device)
     optimizer = torch.optim.SGD(backbone.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    backbone, optimizer = distribute_backbone(backbone, optimizer, comm)
+    replicas = distribute_backbone(backbone, optimizer, comm)
+    backbone, optimizer = replicas.module, replicas.optimizer
     center_optimizer = SparseSGD(head, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     data = SeparableIdentities(args.classes, args.input_dim, args.noise, args.seed, device)
     print_rank0(comm, f"demo: {comm.world_size} rank(s) on {comm.name}, {args.classes} identities, "

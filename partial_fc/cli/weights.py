@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from partial_fc.backbones import get_model
-from partial_fc.backbones.weights import load_weights
-from partial_fc.engine.checkpoint import load_backbone_state
+from partial_fc.backbones.weights import load_backbone_state, load_weights
+from partial_fc.engine.checkpoint import backbone_weights_file
 from partial_fc.errors import InputError
 
 def pick_device(name: str | None) -> torch.device:
@@ -32,4 +32,4 @@ def load_backbone(weights: str, network: str, embedding_size: int) -> nn.Module:
     :class:`InputError` naming the file, the network or the keys.
     """
     model = get_model(network, num_features=embedding_size, dropout=0.0, fp16=False)
-    return load_weights(model, load_backbone_state(weights), weights, network).eval()
+    return load_weights(model, load_backbone_state(backbone_weights_file(weights)), weights, network).eval()

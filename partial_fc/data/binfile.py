@@ -29,7 +29,7 @@ import torch
 
 from partial_fc.data.decode import DecodeError, decode_into, decode_rgb, normalize_images
 from partial_fc.errors import InputError
-from partial_fc.fileio import atomic_path
+from partial_fc.fileio import PathLike, atomic_path
 
 __all__ = [
     "BinFileError",
@@ -42,7 +42,6 @@ __all__ = [
     "write_bin",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
 ImageBuffer = Union[bytes, bytearray, np.ndarray]
 
 

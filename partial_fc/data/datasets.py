@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from partial_fc.data.imagefolder import list_images
 from partial_fc.data.recordio import IndexedRecordReader, RecordIOError, unpack
 from partial_fc.data.sampler import SeededBatch
 from partial_fc.errors import DatasetError, InputError
+from partial_fc.fileio import PathLike
 
 __all__ = [
     "ImageFolderDataset",
@@ -49,7 +50,6 @@ __all__ = [
     "SyntheticDataset",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
 Size = Optional[tuple[int, int]]
 Sample = tuple[torch.Tensor, torch.Tensor]
 UNFILLED_LABEL = -1

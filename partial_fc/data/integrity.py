@@ -11,11 +11,10 @@ folder is checked file by file the same way. Every bad record is listed; nothing
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -25,10 +24,10 @@ from partial_fc.data.decode import DecodeError, decode_rgb
 from partial_fc.data.faceset import read_faceset_index, read_property, record_label
 from partial_fc.data.recordio import IndexedRecordReader, RecordIOError, RecordReader, unpack
 from partial_fc.errors import MissingInputError
+from partial_fc.fileio import PathLike
 
 __all__ = ["CheckReport", "check_data", "check_image_folder", "check_record_set"]
 
-PathLike = Union[str, "os.PathLike[str]"]
 Progress = Callable[[int], None]
 _IMAGE, _OTHER, _GUESS = 0, 1, 2  # what a record is: an image, a header/identity record, not known
 _CHUNKS_PER_WORKER = 8

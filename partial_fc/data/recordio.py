@@ -30,12 +30,12 @@ import struct
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO, NamedTuple, Union
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
 from partial_fc.errors import InputError, MissingInputError
-from partial_fc.fileio import atomic_path
+from partial_fc.fileio import PathLike, atomic_path
 
 __all__ = [
     "MAGIC",
@@ -54,7 +54,6 @@ __all__ = [
     "write_index",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 MAGIC = 0xCED7230A
 """The number every RecordIO part starts with (stored little-endian)."""

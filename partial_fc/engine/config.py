@@ -97,9 +97,10 @@ DEFAULTS: dict[str, Any] = {
 
 SECRET_KEYS = frozenset({"wandb_key"})
 OPTIMIZERS = ("sgd", "adamw")
-STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")  # the names in DTYPES a run may store its centers in
 MOMENTUM_DTYPES = ("storage", "int8", "none")
-AMP_DTYPES = ("float16", "bfloat16")
+AMP_DTYPES = ("float16", "bfloat16")  # the names in DTYPES autocast may compute in
 ON_SAVE_ERROR = ("stop", "continue")
 
 # Old arcface_torch configs name the loss instead of giving margin_list; both used s = 64.

@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -29,17 +29,18 @@ from easydict import EasyDict
 from torch import nn
 
 from partial_fc.backbones import get_model
-from partial_fc.backbones.weights import load_weights
+from partial_fc.backbones.weights import load_backbone_state, load_weights
 from partial_fc.comm import Communicator
+from partial_fc.comm.agreement import run_on_root
 from partial_fc.comm.timed import TimedCommunicator
 from partial_fc.data.datasets import ImageFolderDataset, RandomFaceDataset, RecordFaceDataset
 from partial_fc.data.loader import build_loader, device_batch
 from partial_fc.data.sampler import DistributedEpochSampler
-from partial_fc.engine.agreement import run_on_root
-from partial_fc.engine.checkpoint import (CheckpointSaveError, clean_leftovers, find_latest, load_backbone_state,
-                                          load_checkpoint, save_checkpoint)
-from partial_fc.engine.config import SWITCH_AUTO, agree_on_config, changed_keys, config_to_dict
+from partial_fc.engine.checkpoint import (CheckpointSaveError, TrainingParts, backbone_weights_file, clean_leftovers,
+                                          find_latest, load_checkpoint, save_checkpoint)
+from partial_fc.engine.config import DTYPES, SWITCH_AUTO, agree_on_config, changed_keys, config_to_dict
 from partial_fc.engine.distributed import distribute_backbone
+from partial_fc.engine.hooks import Checkpoints, PerfWindow, ProfilerSteps, StepHook, Verification
 from partial_fc.engine.monitor import PhaseTimer, TrainMonitor
 from partial_fc.engine.preemption import StopSignals, TrainingPreempted
 from partial_fc.engine.run_lock import OutputFolderError, RunLock
@@ -52,10 +53,6 @@ from partial_fc.errors import InputError, MissingInputError, PartialFCError
 from partial_fc.fileio import atomic_path, os_error_cause
 from partial_fc.heads import CombinedMargin, NonFiniteEmbeddings, PartialFC, SparseAdamW, SparseSGD
 from partial_fc.progress import print_line
-
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-WARMUP_PERF_STEPS = 2
 
 
 class TrainingStopped(PartialFCError):
@@ -108,7 +105,7 @@ def build_backbone(cfg: EasyDict, device: torch.device) -> nn.Module:
     """The configured network on ``device``, started from ``cfg.init_weights`` when given."""
     model = get_model(cfg.network, dropout=0.0, fp16=False, num_features=cfg.embedding_size)
     if cfg.init_weights:
-        load_weights(model, load_backbone_state(cfg.init_weights), cfg.init_weights, cfg.network)
+        load_weights(model, load_backbone_state(backbone_weights_file(cfg.init_weights)), cfg.init_weights, cfg.network)
     model = model.to(device)
     if _channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
@@ -152,28 +149,6 @@ def _write_config(path: Path, cfg: EasyDict) -> None:
         raise OutputFolderError(f"cannot write {path}: {os_error_cause(error)}") from error
 
 
-class _PerfWindow:
-    """Perf mode's measured stretch: ``steps`` steps after ``WARMUP_PERF_STEPS`` untimed ones."""
-
-    def __init__(self, first_step: int, steps: int):
-        self.begin = first_step + WARMUP_PERF_STEPS
-        self.end = self.begin + steps
-        self.started_at = time.perf_counter()
-
-    def after_step(self, step: int, timer: PhaseTimer) -> None:
-        """Start the clock (and clear the phase timer) once the warm-up steps are done."""
-        if step == self.begin:
-            timer.reset()
-            self.started_at = time.perf_counter()
-
-    def finished(self, step: int) -> bool:
-        return step >= self.end
-
-    def measured(self, step: int) -> tuple[float, int]:
-        """Seconds and steps of the measured stretch."""
-        return time.perf_counter() - self.started_at, max(0, step - self.begin)
-
-
 class Trainer:
     """One run: builds the parts from a validated config, then `fit()` trains (and evaluates, checkpoints)."""
 
@@ -201,18 +176,19 @@ class Trainer:
                                 m3=cfg.margin_list[2])
         self.head = PartialFC(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate,
                               cfg.fp16 and self.device.type == "cuda", comm=self.comm,
-                              storage_dtype=STORAGE_DTYPES[cfg.storage_dtype], seed=cfg.seed,
+                              storage_dtype=DTYPES[cfg.storage_dtype], seed=cfg.seed,
                               interclass_filtering_threshold=cfg.interclass_filtering_threshold,
                               initialise=not cfg.resume)  # a resume fills the shard: not written twice
         self.centers_pending = bool(cfg.resume)  # until resume() loads them, or finds none and initialises
         body_optimizer, self.head_optimizer = build_optimizers(cfg, self.raw_backbone, self.head)
-        self.backbone, self.backbone_optimizer = distribute_backbone(
-            self.raw_backbone, body_optimizer, comm, accumulation_steps=cfg.gradient_acc, sync_batchnorm=cfg.sync_bn)
+        self.replicas = distribute_backbone(self.raw_backbone, body_optimizer, comm,
+                                            accumulation_steps=cfg.gradient_acc, sync_batchnorm=cfg.sync_bn)
+        self.backbone_optimizer = self.replicas.optimizer
         warmup = min(int(self.steps_per_epoch * cfg.warmup_epoch), self.total_steps - 1)
         self.schedule = PolyWarmupSchedule([self.backbone_optimizer, self.head_optimizer], cfg.lr,
                                            self.total_steps, warmup, cfg.lr_power,
                                            lr_mults=[cfg.backbone_lr_mult, 1.0])
-        self.amp_dtype = AMP_DTYPES[cfg.amp_dtype] if cfg.fp16 else None
+        self.amp_dtype = DTYPES[cfg.amp_dtype] if cfg.fp16 else None
         use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, num_workers=cfg.num_workers,
@@ -233,6 +209,12 @@ class Trainer:
     @property
     def checkpoint_root(self) -> Path:
         return self.output / "checkpoints"
+
+    @property
+    def parts(self) -> TrainingParts:
+        """What a checkpoint saves of this run and restores into it."""
+        return TrainingParts(self.raw_backbone, self.backbone_optimizer, self.head, self.head_optimizer, self.schedule,
+                             self.sampler, self.scaler)
 
     def _claim_output(self) -> list[str]:
         """Rank 0: lock the output folder for this run, tidy a dead run's leftover saves, and write config.json,
@@ -293,10 +275,7 @@ class Trainer:
             self._initialise_pending_centers()
             self.monitor.print(f"resume=auto: no checkpoint in {self.checkpoint_root} yet, starting at step 0")
             return
-        state = load_checkpoint(source, comm=self.comm, backbone=self.backbone,
-                                backbone_optimizer=self.backbone_optimizer, head=self.head,
-                                head_optimizer=self.head_optimizer, scheduler=self.schedule,
-                                sampler=self.sampler, scaler=self.scaler)
+        state = load_checkpoint(source, self.parts, comm=self.comm)
         self.centers_pending = False
         if state.step >= self.total_steps:
             raise InputError(f"{state.path} is at step {state.step}, and this plan ends at step {self.total_steps} "
@@ -319,11 +298,8 @@ class Trainer:
         None, to try again at the next checkpoint (``continue``)."""
         with self.watchdog.slow("checkpoint"):
             try:
-                return save_checkpoint(self.checkpoint_root, comm=self.comm, step=self.step,
-                                       epoch=self.sampler.epoch, backbone=self.backbone,
-                                       backbone_optimizer=self.backbone_optimizer, head=self.head,
-                                       head_optimizer=self.head_optimizer, scheduler=self.schedule,
-                                       sampler=self.sampler, scaler=self.scaler, config=config_to_dict(self.cfg),
+                return save_checkpoint(self.checkpoint_root, self.parts, comm=self.comm, step=self.step,
+                                       epoch=self.sampler.epoch, config=config_to_dict(self.cfg),
                                        keep=self.cfg.keep_checkpoints)
             except CheckpointSaveError as error:  # raised alike on every rank, so every rank decides alike
                 if self.cfg.on_save_error == "stop" or final:
@@ -333,12 +309,6 @@ class Trainer:
                 print_line(f"partial-fc: warning: rank {self.comm.rank}: {error}; training goes on "
                            "(on_save_error=continue) and the next checkpoint tries again")
                 return None
-
-    def _save_into(self, result: TrainResult, final: bool = False) -> None:
-        """Save and record the checkpoint in ``result`` (left as it was when a failed save lets training go on)."""
-        saved = self.save(final)
-        if saved is not None:
-            result.checkpoint = str(saved)
 
     # ------------------------------------------------------------------------------------------------- step
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -365,10 +335,10 @@ class Trainer:
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's embeddings: with autograd through the (distributed) backbone, or while it is frozen
-        (in eval mode then, set by `_fit`) without autograd and outside the data-parallel wrapper."""
+        (in eval mode then, set by `_begin`) without autograd and outside the data-parallel wrapper."""
         frozen = self.backbone_frozen
         with self.timer.phase("backbone"), self._autocast(), torch.set_grad_enabled(not frozen):
-            return (self.raw_backbone if frozen else self.backbone)(images)
+            return (self.raw_backbone if frozen else self.replicas.module)(images)
 
     def _micro_step(self, batch: Any, last: bool) -> float | None:
         """Forward and backward of one batch; None when the step must be skipped."""
@@ -376,8 +346,7 @@ class Trainer:
             images, labels = device_batch(batch, self.device)
         layout = torch.channels_last if _channels_last(self.cfg, self.device) else torch.contiguous_format
         images = images.contiguous(memory_format=layout)
-        sync = contextlib.nullcontext() if last or not hasattr(self.backbone, "no_sync") else self.backbone.no_sync()
-        with sync:
+        with self.replicas.micro_step(last):
             embeddings = self._embed(images)
             features = embeddings.detach().float().requires_grad_(not self.backbone_frozen)
             with self.timer.phase("head"):
@@ -405,17 +374,15 @@ class Trainer:
                 self.head_optimizer.step()
             return 0.0
         with self.timer.phase("communication"):
-            if hasattr(self.backbone_optimizer, "synchronize"):  # Horovod: wait for the gradient all-reduce
-                self.backbone_optimizer.synchronize()
+            self.replicas.wait_for_gradients()
         with self.timer.phase("optimizer"):
             if self.scaler is not None:
                 self.scaler.unscale_(self.backbone_optimizer)
-            params = [p for p in self.backbone.parameters() if p.grad is not None]
+            params = [p for p in self.raw_backbone.parameters() if p.grad is not None]
             clip = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else math.inf
             norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             finite = math.isfinite(norm)
-            skip_sync = getattr(self.backbone_optimizer, "skip_synchronize", contextlib.nullcontext)
-            with skip_sync():
+            with self.replicas.stepping():
                 if self.scaler is not None:
                     self.scaler.step(self.backbone_optimizer)
                     self.scaler.update()
@@ -457,7 +424,8 @@ class Trainer:
             raise TrainingPreempted(f"stopped by {result.stopped_by} after step {self.step}")
         return result
 
-    def _fit(self) -> TrainResult:
+    def _begin(self) -> None:
+        """Report the plan; a frozen backbone goes into eval mode, so BatchNorm uses and keeps its loaded statistics."""
         cfg = self.cfg
         self.monitor.print(f"training {cfg.network} on {len(self.dataset)} images, {cfg.num_classes} classes, "
                            f"{self.comm.world_size} ranks x batch {cfg.batch_size}: {self.total_steps} steps "
@@ -465,51 +433,75 @@ class Trainer:
         if cfg.rec != "synthetic" and cfg.num_image != len(self.dataset):
             self.monitor.print(f"note: num_image={cfg.num_image} in the config, but {cfg.rec} holds "
                                f"{len(self.dataset)} images; steps follow the data set")
-        if self.backbone_frozen:  # eval mode: BatchNorm uses and keeps its loaded statistics
+        if self.backbone_frozen:
             self.raw_backbone.eval()
             self.monitor.print(f"backbone frozen until step {cfg.freeze_backbone_steps}: only the centers train, "
                                "BatchNorm statistics stay as loaded")
+
+    def _fit(self) -> TrainResult:
+        """Epochs up to the plan's last step (perf mode: the perf window's), the hooks after each step and epoch."""
+        cfg = self.cfg
+        self._begin()
         result = TrainResult(steps=0, epochs=0, loss=math.nan)
-        profiler = self._profiler()
-        start = time.perf_counter()
-        perf = _PerfWindow(self.step, self.perf_steps) if self.perf_steps else None
-        while self.step < self.total_steps and not (perf and perf.finished(self.step)) and not result.stopped_by:
-            self._epoch(result, profiler, perf)
-        if profiler is not None:
-            profiler.__exit__(None, None, None)
-        result.seconds = time.perf_counter() - start
         samples_per_step = cfg.batch_size * cfg.gradient_acc * self.comm.world_size
-        if perf is not None:
-            seconds, steps = perf.measured(self.step)
-            result.samples_per_second = steps * samples_per_step / max(seconds, 1e-9)
-            result.phases = self.timer.shares()
-            self.monitor.print(f"perf: {steps} steps, {result.samples_per_second:,.1f} samples/s over "
-                               f"{self.comm.world_size} ranks; time in "
-                               + ", ".join(f"{name} {share:.1%}" for name, share in result.phases.items()))
+        hooks: list[StepHook]
+        if self.perf_steps:
+            perf = PerfWindow(self.step, self.perf_steps, self.timer, samples_per_step, self.comm.world_size,
+                              self.monitor.print)
+            hooks, last_step = [perf], min(perf.end, self.total_steps)
         else:
-            result.samples_per_second = self.step * samples_per_step / max(result.seconds, 1e-9)
-            if result.checkpoint is None or Path(result.checkpoint).name != f"step_{self.step:08d}":
-                self._save_into(result, final=True)
+            hooks = [Verification(cfg.verbose, self.total_steps, self._evaluate),
+                     Checkpoints(cfg.checkpoint_every, self.save)]
+            last_step = self.total_steps
+        with contextlib.ExitStack() as stack:
+            if cfg.profile:
+                hooks.insert(0, ProfilerSteps(stack.enter_context(self._profiler())))
+            start = time.perf_counter()
+            while self.step < last_step and not result.stopped_by:
+                self._epoch(result, last_step, hooks)
+        result.seconds = time.perf_counter() - start
+        result.samples_per_second = self.step * samples_per_step / max(result.seconds, 1e-9)
+        for hook in hooks:
+            hook.after_training(self.step, result)
         self.monitor.close()
         result.steps, result.epochs, result.skipped_steps = self.step, self.step // self.steps_per_epoch, self.skipped
         result.bad_records = len(self.skipped_records)
         result.best_verification = dict(self.verifier.best)
         return result
 
-    def _epoch(self, result: TrainResult, profiler: Any, perf: _PerfWindow | None) -> None:
-        """The rest of the sampler's epoch (or up to the last step); a checkpoint at its end unless
-        ``checkpoint_every`` sets another rhythm."""
+    def _epoch(self, result: TrainResult, last_step: int, hooks: list[StepHook]) -> None:
+        """The rest of the sampler's epoch, up to `last_step` or a stop signal, with `hooks` after each step and at
+        the epoch's end."""
         cfg = self.cfg
+        for loss, grad_norm in self._steps():
+            result.loss = loss
+            self.monitor.step(self.step, self.sampler.epoch, loss, self.schedule.lr_at(self.step - 1),
+                              cfg.batch_size * cfg.gradient_acc, grad_norm,
+                              None if self.scaler is None else float(self.scaler.get_scale()))
+            result.stopped_by = self.stop_signals.agreed(self.comm)
+            if result.stopped_by:
+                return
+            for hook in hooks:
+                hook.after_step(self.step, result)
+            if self.step >= last_step:
+                return
+        for hook in hooks:
+            hook.after_epoch(self.step, result)
+
+    def _steps(self) -> Iterator[tuple[float, float]]:
+        """The optimizer steps of the rest of the sampler's epoch, one per `gradient_acc` batches: (mean loss,
+        gradient norm) of each one taken; one with non-finite values is skipped (`_skip`) and not yielded."""
+        accumulation = self.cfg.gradient_acc
         batches = iter(self.loader)
         micro, loss_sum = 0, 0.0
         while True:
             with self.timer.phase("data"):
                 batch = next(batches, None)
             if batch is None:
-                break
+                return
             self.skipped_records.agree(getattr(batch, "bad_records", ()), self.step + 1)  # before any rank trains
             micro += 1
-            last = micro % cfg.gradient_acc == 0
+            last = micro % accumulation == 0
             loss = self._micro_step(batch, last)
             if loss is None:
                 self._skip("a non-finite loss or embeddings")
@@ -523,41 +515,24 @@ class Trainer:
                 self._skip("non-finite backbone gradients")
                 loss_sum = 0.0
                 continue
-            self.nonfinite_in_a_row = 0
-            self.step += 1
-            if self.step == cfg.freeze_backbone_steps and self.step < self.total_steps:
-                self.raw_backbone.train()
-                self.monitor.print(f"step {self.step}: backbone unfrozen, learning rate x{cfg.backbone_lr_mult:g} of "
-                                   "the centers'")
-            self.watchdog.progress(self.step)
-            self.schedule.step()
-            result.loss, loss_sum = loss_sum / cfg.gradient_acc, 0.0
-            self.monitor.step(self.step, self.sampler.epoch, result.loss, self.schedule.lr_at(self.step - 1),
-                              cfg.batch_size * cfg.gradient_acc, grad_norm,
-                              None if self.scaler is None else float(self.scaler.get_scale()))
-            if profiler is not None:
-                profiler.step()
-            result.stopped_by = self.stop_signals.agreed(self.comm)
-            if result.stopped_by:
-                return
-            if perf is not None:
-                perf.after_step(self.step, self.timer)
-                if perf.finished(self.step):
-                    return
-                continue
-            if self.step % cfg.verbose == 0 or self.step == self.total_steps:
-                result.verification = self._evaluate()
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self._save_into(result)
-            if self.step >= self.total_steps:
-                return
-        if not cfg.checkpoint_every and perf is None:
-            self._save_into(result)
+            self._advance()
+            yield loss_sum / accumulation, grad_norm
+            loss_sum = 0.0
 
-    def _profiler(self) -> Any:
+    def _advance(self) -> None:
+        """Count a step taken: unfreeze the backbone when its time comes, move the watchdog and the schedule on."""
+        cfg = self.cfg
+        self.nonfinite_in_a_row = 0
+        self.step += 1
+        if self.step == cfg.freeze_backbone_steps and self.step < self.total_steps:
+            self.raw_backbone.train()
+            self.monitor.print(f"step {self.step}: backbone unfrozen, learning rate x{cfg.backbone_lr_mult:g} of "
+                               "the centers'")
+        self.watchdog.progress(self.step)
+        self.schedule.step()
+
+    def _profiler(self) -> torch.profiler.profile:
         """A torch.profiler over a few steps writing a Chrome trace per rank to ``output/profile``."""
-        if not self.cfg.profile:
-            return None
         folder = self.output / "profile"
         folder.mkdir(parents=True, exist_ok=True)
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -568,7 +543,5 @@ class Trainer:
         def write(prof: torch.profiler.profile) -> None:
             prof.export_chrome_trace(str(folder / f"trace_rank{rank}.json"))
 
-        profiler = torch.profiler.profile(activities=activities, on_trace_ready=write,
-                                          schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1))
-        profiler.__enter__()
-        return profiler
+        return torch.profiler.profile(activities=activities, on_trace_ready=write,
+                                      schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1))

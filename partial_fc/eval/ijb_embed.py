@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from partial_fc.comm import Communicator
+from partial_fc.comm.agreement import agree
 from partial_fc.data.align import norm_crop
 from partial_fc.data.decode import decode_rgb, normalize_images
 from partial_fc.errors import InputError, MissingInputError
@@ -57,17 +58,6 @@ def rank_share(count: int, batch_size: int, rank: int, world_size: int) -> tuple
     return min(lo * batch_size, count), min(hi * batch_size, count)
 
 
-def _raise_agreed(comm: Communicator, error: InputError | None) -> None:
-    """Every rank raises the error of the lowest rank that met one (or none does)."""
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=comm.device)
-    flags = comm.all_gather(flag, sizes=[1] * comm.world_size).tolist()
-    if not any(flags):
-        return
-    root = flags.index(1)
-    kind, message = comm.broadcast_object((type(error).__name__, str(error)) if comm.rank == root else None, root)
-    raise (MissingInputError if kind == MissingInputError.__name__ else InputError)(message)
-
-
 def image_features(embed: Embedder, folder: Path, images: ImageList, comm: Communicator, batch_size: int,
                    device: torch.device, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """[N, D] float32 embedding + flip embedding of every image, this rank's share embedded here and gathered."""
@@ -80,7 +70,7 @@ def image_features(embed: Embedder, folder: Path, images: ImageList, comm: Commu
                 progress(sum(c.shape[0] for c in chunks), stop - start)
     except InputError as failure:
         error = failure
-    _raise_agreed(comm, error)
+    agree(comm, error)
     local = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
     dim = torch.tensor([local.shape[1]], dtype=torch.int64, device=comm.device)
     dims = comm.all_gather(dim, sizes=[1] * comm.world_size).tolist()

@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from partial_fc.comm import SingleProcessCommunicator  # noqa: E402
-from partial_fc.engine import checkpoint as ckpt  # noqa: E402
+from partial_fc.engine.checkpoint import CheckpointSaveError, save_checkpoint  # noqa: E402
+from partial_fc.engine.checkpoint import save as saving  # noqa: E402
 from tests.workers.checkpoint_job import build, train_step  # noqa: E402
 
 COMM = SingleProcessCommunicator()
@@ -30,8 +31,8 @@ def die(*args, **kwargs):
 
 
 def kill_on_call(name: str, call: int) -> None:
-    """Make the `call`-th call of the checkpoint module's `name` (1-based) kill this process."""
-    original, calls = getattr(ckpt, name), [0]
+    """Make the `call`-th call of `name` in the checkpoint's save module (1-based) kill this process."""
+    original, calls = getattr(saving, name), [0]
 
     def wrapped(*args, **kwargs):
         calls[0] += 1
@@ -39,11 +40,11 @@ def kill_on_call(name: str, call: int) -> None:
             die()
         return original(*args, **kwargs)
 
-    setattr(ckpt, name, wrapped)
+    setattr(saving, name, wrapped)
 
 
 KILL_POINTS = {
-    "writing": lambda: kill_on_call("_save_durably", 2),  # some files written, no manifest
+    "writing": lambda: kill_on_call("save_durably", 2),  # some files written, no manifest
     "manifest_written": lambda: kill_on_call("fsync_path", 1),  # complete .partial with its manifest, not renamed
     "renamed": lambda: kill_on_call("atomic_path", 1),  # step_2 in place, `latest` still names step_1
     "latest_written": lambda: kill_on_call("_prune", 1),  # everything but pruning done
@@ -51,7 +52,7 @@ KILL_POINTS = {
 
 
 def save(root: Path, setup, step: int):
-    return ckpt.save_checkpoint(root, step=step, epoch=0, **setup.parts())
+    return save_checkpoint(root, setup.parts(), comm=COMM, step=step, epoch=0)
 
 
 def saves_then_dies(root: Path, point: str) -> None:
@@ -61,7 +62,7 @@ def saves_then_dies(root: Path, point: str) -> None:
     train_step(setup)
     if point == "replacing":
         save(root, setup, 2)
-        ckpt.os.rename = lambda *args: die() if (root / ".step_00000002.old").exists() else os.replace(*args)
+        saving.os.rename = lambda *args: die() if (root / ".step_00000002.old").exists() else os.replace(*args)
     else:
         KILL_POINTS[point]()
     save(root, setup, 2)
@@ -84,7 +85,7 @@ def attempt(root: Path, setup, step: int) -> str:
     try:
         save(root, setup, step)
         return "saved"
-    except ckpt.CheckpointSaveError as error:
+    except CheckpointSaveError as error:
         return str(error)
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from partial_fc.comm import Communicator, get_communicator  # noqa: E402
 from partial_fc.data.sampler import DistributedEpochSampler  # noqa: E402
-from partial_fc.engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from partial_fc.engine.checkpoint import TrainingParts, load_checkpoint, save_checkpoint  # noqa: E402
 from partial_fc.engine.distributed import distribute_backbone  # noqa: E402
 from tests.workers.exit_status import run_and_exit  # noqa: E402
 from partial_fc.heads import ArcFace, PartialFC, SparseSGD  # noqa: E402
@@ -44,10 +44,9 @@ class Setup:
     scheduler: LambdaLR
     sampler: DistributedEpochSampler
 
-    def parts(self) -> dict:
-        return dict(comm=self.comm, backbone=self.backbone, backbone_optimizer=self.backbone_optimizer,
-                    head=self.head, head_optimizer=self.head_optimizer, scheduler=self.scheduler,
-                    sampler=self.sampler)
+    def parts(self) -> TrainingParts:
+        return TrainingParts(backbone=self.backbone, backbone_optimizer=self.backbone_optimizer, head=self.head,
+                             head_optimizer=self.head_optimizer, scheduler=self.scheduler, sampler=self.sampler)
 
 
 def build(comm: Communicator, seed: int = 0, momentum_dtype: str = "storage") -> Setup:
@@ -55,7 +54,8 @@ def build(comm: Communicator, seed: int = 0, momentum_dtype: str = "storage") ->
     torch.manual_seed(seed)
     backbone = nn.Linear(INPUTS, DIM)
     optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    backbone, optimizer = distribute_backbone(backbone, optimizer, comm)
+    replicas = distribute_backbone(backbone, optimizer, comm)
+    backbone, optimizer = replicas.module, replicas.optimizer
     head = PartialFC(ArcFace(), DIM, CLASSES, sample_rate=0.5, comm=comm, seed=seed)
     head_optimizer = SparseSGD(head, lr=0.2, momentum=0.9, weight_decay=5e-4, momentum_dtype=momentum_dtype)
     scheduler = LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.5 * step))
@@ -92,15 +92,15 @@ def run(args: argparse.Namespace, comm: Communicator) -> dict:
     result = {"world_size": comm.world_size, "backend": comm.name, "losses": {}, "saved": {}}
     step = 0
     if args.resume:
-        state = load_checkpoint(args.resume, **setup.parts())
+        state = load_checkpoint(args.resume, setup.parts(), comm=comm)
         step = state.step
         result["loaded"] = gathered_centers(setup)
         result["state"] = {"step": state.step, "resharded": state.resharded, "rng_restored": state.rng_restored,
                            "sampler_restarted": state.sampler_restarted, "position": setup.sampler.position}
     while True:
         if step in args.save_at:
-            save_checkpoint(args.save_root, step=step, epoch=setup.sampler.epoch, config={"seed": 0},
-                            **setup.parts())
+            save_checkpoint(args.save_root, setup.parts(), comm=comm, step=step, epoch=setup.sampler.epoch,
+                            config={"seed": 0})
             result["saved"][step] = gathered_centers(setup)
         if step >= args.steps:
             break

@@ -102,8 +102,8 @@ def train(comm: Communicator, variant: str, wrapper: str) -> dict:
     raw = make_backbone(batchnorm)
     optimizer, head_optimizer = make_optimizers(kind, raw, head, accumulation)
     if wrapper == "engine":
-        backbone, optimizer = distribute_backbone(raw, optimizer, comm, accumulation_steps=accumulation,
-                                                  sync_batchnorm=batchnorm)
+        replicas = distribute_backbone(raw, optimizer, comm, accumulation_steps=accumulation, sync_batchnorm=batchnorm)
+        backbone, optimizer = replicas.module, replicas.optimizer
     else:
         if batchnorm:
             convert_sync_batchnorm(raw, comm)  # after the optimizer was built: it keeps the same tensors

@@ -3,17 +3,17 @@ no rank is left waiting in a collective the others have abandoned."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
-from partial_fc.comm import Communicator
+from partial_fc.comm.base import Communicator
 from partial_fc.errors import PartialFCError
 
 Fallback = type[PartialFCError]
 
 
-def agree(comm: Communicator, error: Optional[BaseException], fallback: Fallback = PartialFCError) -> None:
+def agree(comm: Communicator, error: BaseException | None, fallback: Fallback = PartialFCError) -> None:
     """Raise on every rank when any rank failed (one all-gather when none did).
 
     Every rank raises the first failing rank's error class with its message; an error that is not a
