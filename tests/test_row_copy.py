@@ -135,3 +135,15 @@ def test_optimizer_steps_are_bit_identical_with_and_without_the_routines(one_thr
     assert len(native) == len(reference) > 1
     for got, expected in zip(native, reference):
         assert torch.equal(got, expected)
+
+
+def test_a_native_write_counts_as_an_in_place_change(one_thread):
+    """The head refuses a backward after its centers were written since forward; a C write must count as one."""
+    head = PartialFC(ArcFace(), 16, 100, 0.5, comm=SingleProcessCommunicator(), seed=1)
+    embeddings = torch.randn(8, 16, requires_grad=True)
+    loss = head(embeddings, torch.arange(8))
+    version = head.weight._version
+    put_rows(head.weight, torch.tensor([3]), torch.zeros(1, 16))
+    assert head.weight._version > version
+    with pytest.raises(RuntimeError, match="centers changed between forward and backward"):
+        loss.backward()

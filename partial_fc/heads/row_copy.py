@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.autograd.graph import increment_version
 
 _SOURCE = Path(__file__).with_suffix(".c")
 _DISABLE = "PARTIAL_FC_NATIVE_ROWS"
@@ -126,6 +127,7 @@ def take_rows(table: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> to
 def put_rows(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
     """table[index] = rows, rounded to table's dtype."""
     if _copied_natively("pfc_put_rows", table, index, rows):
+        increment_version(table)  # as an in-place torch op would: autograd's checks see the write
         return
     if table.dtype == rows.dtype:
         words, row_words = _as_words(table, rows)
