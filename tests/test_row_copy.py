@@ -1,5 +1,6 @@
-"""The C row copies against torch's index_select / index_copy_: every dtype the head keeps, bad indexes, the
-fallbacks (disabled, no compiler, several threads), concurrent builds, and whole optimizer steps bit for bit."""
+"""The C row copies against torch's index_select / index_copy_: every dtype the head keeps, the bfloat16 <->
+float32 conversions, the int8 momentum pass against SparseSGD's torch ops, bad indexes, the fallbacks (disabled, no compiler, several threads), concurrent builds, and
+whole optimizer steps bit for bit."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from partial_fc.comm import SingleProcessCommunicator
 from partial_fc.heads import ArcFace, PartialFC, SparseAdamW, SparseSGD
 from partial_fc.heads import row_copy
-from partial_fc.heads.row_copy import native_rows_available, put_rows, take_rows
+from partial_fc.heads.row_copy import native_rows_available, put_rows, take_rows, update_int8_momentum
+from partial_fc.heads.sparse_sgd import INT8_LEVELS, INT8_SMALLEST_ROW_MAX, encode_int8_rows
 from tests.launchers import REPO
 
 pytestmark = pytest.mark.skipif(not native_rows_available(), reason="no C compiler to build the row copies")
@@ -40,12 +42,86 @@ def test_native_copies_equal_torchs(one_thread, dtype, width):
     table = _table(dtype, 1000, width, seed=1)
     index = torch.randperm(1000, generator=torch.Generator().manual_seed(2))[:300]  # unsorted, with gaps
     out = torch.empty(300, width, dtype=dtype)
-    assert row_copy._native(table, index, out) is not None  # the C routine is the one under test
+    assert row_copy._routine(row_copy._TAKE, table, index, out) is not None  # the C routine is under test
     assert torch.equal(take_rows(table, index, out), table.index_select(0, index))
     rows = _table(dtype, 300, width, seed=3)
     expected = table.clone().index_copy_(0, index, rows)
     put_rows(table, index, rows)
     assert torch.equal(table, expected)
+
+
+def _bfloat16_edge_cases() -> torch.Tensor:
+    """float32 values whose bfloat16 rounding is delicate: ties to even both ways, carries into the exponent,
+    overflow to infinity, subnormals, signed zeros, infinities and NaNs, then ordinary random values."""
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x3FFF8000, 0x7F7F8000, 0x7F7FFFFF,
+                         0x00008000, 0x00018000, 0x0000FFFF, 0x80000000, 0x00000000, 0x7F800000, 0xFF800000,
+                         0x7FC00000, 0xFFC00001, 0x7F800001, 0x807F8000], dtype=torch.int64)
+    special = bits.to(torch.int32).view(torch.float32)  # two's-complement int32 of the bit patterns
+    values = torch.randn(1000 * 64 - special.numel(), generator=torch.Generator().manual_seed(8)) * 1e3
+    return torch.cat([special, values]).reshape(1000, 64)
+
+
+def test_bfloat16_conversions_round_as_torch_does(one_thread):
+    values = _bfloat16_edge_cases()
+    index = torch.randperm(1000, generator=torch.Generator().manual_seed(9))[:400]
+    table = torch.zeros(1000, 64, dtype=torch.bfloat16)
+    assert row_copy._routine(row_copy._PUT, table, index, values[:400]) is not None
+    put_rows(table, index, values[:400])
+    expected = torch.zeros(1000, 64, dtype=torch.bfloat16).index_copy_(0, index, values[:400].to(torch.bfloat16))
+    finite = ~expected.isnan()
+    assert torch.equal(table.isnan(), ~finite)  # NaN stays NaN (torch's vector and scalar code differ in its bits)
+    assert torch.equal(table.view(torch.int16)[finite], expected.view(torch.int16)[finite])
+    widened = torch.empty(400, 64)
+    assert row_copy._routine(row_copy._TAKE, table, index, widened) is not None
+    take_rows(table, index, widened)
+    reference = table.index_select(0, index).float()
+    assert torch.equal(widened.view(torch.int32), reference.view(torch.int32))  # exact, NaN payloads included
+
+
+def _int8_momentum_by_torch(codes, row_max, index, grad, momentum):
+    """SparseSGD's torch ops for the int8 momentum step, on copies: (velocity, codes, row_max) afterwards."""
+    codes, row_max = codes.clone(), row_max.clone()
+    velocity, scratch = torch.empty_like(grad), torch.empty_like(grad)
+    gain = row_max.index_select(0, index).mul_(momentum / INT8_LEVELS**2)
+    velocity.copy_(codes.index_select(0, index))
+    torch.abs(velocity, out=scratch).mul_(gain.unsqueeze(1))
+    torch.addcmul(grad, velocity, scratch, out=velocity)
+    new_codes = torch.empty(grad.shape, dtype=torch.int8)
+    row_max.index_copy_(0, index, encode_int8_rows(velocity, new_codes, scratch))
+    codes.index_copy_(0, index, new_codes)
+    return velocity, codes, row_max
+
+
+def test_the_int8_momentum_pass_equals_sparse_sgds_torch_ops(one_thread):
+    generator = torch.Generator().manual_seed(10)
+    codes = torch.randint(-127, 128, (500, 48), generator=generator).to(torch.int8)
+    row_max = torch.rand(500, generator=generator) * 10
+    index = torch.randperm(500, generator=generator)[:200]
+    grad = torch.randn(200, 48, generator=generator) * 0.1
+    codes[index[0]] = 0  # a row with no momentum yet and no gradient: stays zero (below the smallest row max)
+    row_max[index[0]] = 0
+    grad[0] = 0
+    grad[1] = 1e-35  # a row whose velocity is below the smallest row max: its code is zero
+    row_max[index[1]] = 0
+    expected = _int8_momentum_by_torch(codes, row_max, index, grad, 0.9)
+    velocity = torch.empty_like(grad)
+    assert update_int8_momentum(codes, row_max, index, grad, 0.9 / INT8_LEVELS**2, INT8_LEVELS**2,
+                                INT8_SMALLEST_ROW_MAX, velocity)
+    for got, want in zip((velocity, codes, row_max), expected):
+        assert torch.equal(got, want)
+    assert not codes[index[:2]].any() and row_max[index[0]] == 0
+
+
+def test_the_int8_momentum_pass_checks_its_indexes_and_declines_what_it_cannot_do(one_thread):
+    codes, row_max, grad = torch.ones(10, 8, dtype=torch.int8), torch.ones(10), torch.ones(2, 8)
+    with pytest.raises(IndexError, match=r"row index 10 \(position 1\) is outside the table's 10 rows"):
+        update_int8_momentum(codes, row_max, torch.tensor([0, 10]), grad, 1e-4, 16129.0, 1e-30, torch.empty(2, 8))
+    assert torch.equal(codes, torch.ones(10, 8, dtype=torch.int8)) and torch.equal(row_max, torch.ones(10))
+    index = torch.tensor([0, 1])
+    assert not update_int8_momentum(codes, row_max, index, grad.double(), 1e-4, 16129.0, 1e-30,
+                                    torch.empty(2, 8, dtype=torch.float64))  # float64 shards: torch's ops
+    torch.set_num_threads(2)
+    assert not update_int8_momentum(codes, row_max, index, grad, 1e-4, 16129.0, 1e-30, torch.empty(2, 8))
 
 
 def test_one_dimensional_tables_and_empty_indexes(one_thread):
@@ -72,15 +148,17 @@ def test_a_bad_index_is_named_and_nothing_is_written(one_thread, bad):
 
 
 def test_torchs_ops_run_where_the_routines_do_not_apply(one_thread):
-    table = _table(torch.bfloat16, 100, 8, seed=5)
+    table = _table(torch.float16, 100, 8, seed=5)
     index = torch.tensor([3, 1, 4])
-    converting = torch.empty(3, 8)  # bfloat16 rows into a float32 workspace
-    assert row_copy._native(table, index, converting) is None
+    converting = torch.empty(3, 8)  # float16 rows into a float32 workspace: no routine converts those
+    assert row_copy._routine(row_copy._TAKE, table, index, converting) is None
     assert torch.equal(take_rows(table, index, converting), table[index].float())
+    put_rows(table, index, torch.ones(3, 8))
+    assert torch.equal(table[index], torch.ones(3, 8, dtype=torch.float16))
     torch.set_num_threads(2)
-    assert row_copy._native(table, index, torch.empty(3, 8, dtype=torch.bfloat16)) is None
+    assert row_copy._routine(row_copy._TAKE, table, index, torch.empty(3, 8, dtype=torch.float16)) is None
     strided = _table(torch.float32, 100, 16, seed=6)[:, ::2]
-    assert row_copy._native(strided, index, torch.empty(3, 8)) is None
+    assert row_copy._routine(row_copy._TAKE, strided, index, torch.empty(3, 8)) is None
 
 
 def _availability(env: dict) -> str:
@@ -126,7 +204,8 @@ def _train(optimizer_kind: str, storage_dtype: torch.dtype) -> list[torch.Tensor
 
 
 @pytest.mark.parametrize("optimizer_kind, storage_dtype", [("sgd", torch.float32), ("sgd-int8", torch.bfloat16),
-                                                           ("adamw", torch.float32), ("sgd", torch.float64)])
+                                                           ("sgd", torch.bfloat16), ("adamw", torch.float32),
+                                                           ("adamw", torch.bfloat16), ("sgd", torch.float64)])
 def test_optimizer_steps_are_bit_identical_with_and_without_the_routines(one_thread, monkeypatch, optimizer_kind,
                                                                          storage_dtype):
     native = _train(optimizer_kind, storage_dtype)

@@ -3,11 +3,12 @@
 These copies are most of the head's memory traffic. On a CPU, torch's index_select moves 2 KB rows at about
 half of memcpy's rate and index_copy_ at a quarter; the C routines in row_copy.c copy each row with one memcpy
 and prefetch the rows a few indices ahead, which made a 1024-row gather 1.2x and a scatter 2.5x faster
-(50,000 sorted rows of a 500,000 x 512 float32 table). They are compiled with the system's C compiler (`CC`,
-else `cc`) on first use into ~/.cache/partial_fc. torch's ops run instead where the routines do not apply:
-no compiler, `PARTIAL_FC_NATIVE_ROWS=0`, tensors off the CPU, a dtype conversion, non-contiguous memory, or
-more than one torch thread (the routines use one).
-"""
+(50,000 sorted rows of a 500,000 x 512 float32 table). Between a bfloat16 table and a float32 buffer they
+convert in the same single pass, where torch gathers into a temporary and converts it in a second.
+They are compiled with the system's C compiler (`CC`, else `cc`) on first use into ~/.cache/partial_fc.
+torch's ops run instead where the routines do not apply: no compiler, `PARTIAL_FC_NATIVE_ROWS=0`, tensors
+off the CPU, another dtype conversion, non-contiguous memory, or more than one torch thread (the routines
+use one)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from torch.autograd.graph import increment_version
 
 _SOURCE = Path(__file__).with_suffix(".c")
 _DISABLE = "PARTIAL_FC_NATIVE_ROWS"
+# No implicit fused multiply-adds: the routines round as torch's ops do, fusing only where torch fuses (fmaf).
+_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
 
 
 def _cache_dir() -> Path:
@@ -32,7 +35,7 @@ def _cache_dir() -> Path:
 
 def _build(source: bytes, compiler: str) -> Path | None:
     """The shared library compiled from `source`, built once per source and compiler and kept in the cache."""
-    digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "partial_fc-native"):
         library = directory / f"row_copy-{digest}.so"
         if library.exists():
@@ -44,7 +47,7 @@ def _build(source: bytes, compiler: str) -> Path | None:
         except OSError:
             continue
         try:
-            subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(_SOURCE)],
+            subprocess.run([compiler, *_FLAGS, "-o", partial, str(_SOURCE), "-lm"],
                            check=True, capture_output=True, timeout=120)
             os.replace(partial, library)  # concurrent ranks each build and rename; any one of them wins
             return library
@@ -66,10 +69,15 @@ def _library() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(library_path))
     except OSError:
         return None
-    for function in (library.pfc_take_rows, library.pfc_put_rows):
+    for function in (library.pfc_take_rows, library.pfc_put_rows, library.pfc_take_rows_bf16_f32,
+                     library.pfc_put_rows_f32_bf16):
         function.restype = ctypes.c_int64
         function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                              ctypes.c_void_p]
+    pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    library.pfc_int8_momentum.restype = size
+    library.pfc_int8_momentum.argtypes = [pointer, pointer, size, pointer, size, size, pointer, real, real, real,
+                                          pointer]
     return library
 
 
@@ -78,30 +86,49 @@ def native_rows_available() -> bool:
     return _library() is not None
 
 
-def _native(table: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor) -> ctypes.CDLL | None:
+# The routine for each (table dtype, buffer dtype) pair of a gather and a scatter, and whether it counts its
+# rows' length in bytes (a plain copy) or in elements (a conversion).
+_TAKE = {"same": ("pfc_take_rows", True), (torch.bfloat16, torch.float32): ("pfc_take_rows_bf16_f32", False)}
+_PUT = {"same": ("pfc_put_rows", True), (torch.bfloat16, torch.float32): ("pfc_put_rows_f32_bf16", False)}
+
+
+def _usable_library(index: torch.Tensor, *tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The routines, where they apply to these tensors: one torch thread, all on the CPU and contiguous."""
     library = _library()
-    if library is None or torch.get_num_threads() != 1:
+    if library is None or torch.get_num_threads() != 1 or index.dtype != torch.int64:
         return None
-    if not (table.device.type == buffer.device.type == index.device.type == "cpu"):
-        return None
-    if table.dtype != buffer.dtype or index.dtype != torch.int64 or table.dim() < 1 or table.shape[1:] != buffer.shape[1:]:
-        return None
-    if not (table.is_contiguous() and buffer.is_contiguous() and index.is_contiguous()):
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in (index, *tensors)):
         return None
     return library
 
 
-def _copied_natively(routine: str, table: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor) -> bool:
-    """Run the C `routine` between `table` and `buffer` where it applies; False where torch's ops must run."""
-    library = _native(table, index, buffer)
-    if library is None:
+def _routine(routines: dict, table: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor):
+    """The C routine and its row length for this copy, or None where torch's ops must run."""
+    library = _usable_library(index, table, buffer)
+    if library is None or table.dim() < 1 or table.shape[1:] != buffer.shape[1:]:
+        return None
+    chosen = routines.get("same" if table.dtype == buffer.dtype else (table.dtype, buffer.dtype))
+    if chosen is None:
+        return None
+    name, length_in_bytes = chosen
+    width = table[0].numel() if table.shape[0] else 0
+    return getattr(library, name), width * table.element_size() if length_in_bytes else width
+
+
+def _copied_natively(routines: dict, table: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Run the C routine between `table` and `buffer` where one applies; False where torch's ops must run."""
+    chosen = _routine(routines, table, index, buffer)
+    if chosen is None:
         return False
-    row_bytes = table[0].numel() * table.element_size() if table.shape[0] else 0
-    bad = getattr(library, routine)(table.data_ptr(), table.shape[0], index.data_ptr(), index.numel(), row_bytes,
-                                    buffer.data_ptr())
-    if bad >= 0:
-        raise IndexError(f"row index {int(index[bad])} (position {bad}) is outside the table's {table.shape[0]} rows")
+    routine, row_length = chosen
+    bad = routine(table.data_ptr(), table.shape[0], index.data_ptr(), index.numel(), row_length, buffer.data_ptr())
+    _raise_for_bad_index(bad, index, table.shape[0])
     return True
+
+
+def _raise_for_bad_index(bad: int, index: torch.Tensor, table_rows: int) -> None:
+    if bad >= 0:
+        raise IndexError(f"row index {int(index[bad])} (position {bad}) is outside the table's {table_rows} rows")
 
 
 def _as_words(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -114,7 +141,7 @@ def _as_words(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def take_rows(table: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = table[index] (converted to out's dtype); `out` has index.numel() rows. Returns `out`."""
-    if _copied_natively("pfc_take_rows", table, index, out):
+    if _copied_natively(_TAKE, table, index, out):
         return out
     if table.dtype == out.dtype:
         words, out_words = _as_words(table, out)
@@ -126,7 +153,7 @@ def take_rows(table: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> to
 
 def put_rows(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
     """table[index] = rows, rounded to table's dtype."""
-    if _copied_natively("pfc_put_rows", table, index, rows):
+    if _copied_natively(_PUT, table, index, rows):
         increment_version(table)  # as an in-place torch op would: autograd's checks see the write
         return
     if table.dtype == rows.dtype:
@@ -134,3 +161,26 @@ def put_rows(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> No
         words.index_copy_(0, index, row_words)
     else:
         table.index_copy_(0, index, rows.to(table.dtype))
+
+
+def update_int8_momentum(codes: torch.Tensor, row_max: torch.Tensor, index: torch.Tensor, grad: torch.Tensor,
+                         momentum_over_levels_squared: float, levels_squared: float, smallest_row_max: float,
+                         velocity: torch.Tensor) -> bool:
+    """SparseSGD's int8 momentum step of rows `index` in one C pass per row, bit for bit as its torch ops.
+
+    velocity = grad + c |c| row_max[index] momentum / levels^2 from the codes c = codes[index]; then codes[index]
+    and row_max[index] re-encoded from velocity. False (nothing done) where the routine does not apply.
+    """
+    library = _usable_library(index, codes, row_max, grad, velocity)
+    floats = (row_max.dtype, grad.dtype, velocity.dtype) == (torch.float32,) * 3
+    if library is None or codes.dtype != torch.int8 or not floats or codes.dim() != 2:
+        return False
+    if grad.shape != velocity.shape or grad.shape != (index.numel(), codes.shape[1]):
+        return False
+    bad = library.pfc_int8_momentum(codes.data_ptr(), row_max.data_ptr(), codes.shape[0], index.data_ptr(),
+                                    index.numel(), codes.shape[1], grad.data_ptr(), momentum_over_levels_squared,
+                                    levels_squared, smallest_row_max, velocity.data_ptr())
+    _raise_for_bad_index(bad, index, codes.shape[0])
+    increment_version(codes)
+    increment_version(row_max)
+    return True

@@ -24,7 +24,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from partial_fc.heads.row_copy import put_rows, take_rows
+from partial_fc.heads.row_copy import put_rows, take_rows, update_int8_momentum
 from partial_fc.heads.sampling import RowUpdater, SampledRows, gather_rows
 
 # How SparseSGD may keep its momentum: in the shard's storage dtype, or as int8 codes with a scale per row.
@@ -178,10 +178,14 @@ class SparseSGD(SparseRowsOptimizer):
     def _int8_velocity(self, state: dict, index: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:
         """momentum * velocity + grad of rows `index` from their int8 momentum, whose codes and scales it updates.
 
-        The decoding is fused into the sum: velocity = grad + c * (|c| * momentum * row_max / 127^2).
+        The decoding is fused into the sum: velocity = grad + c * (|c| * momentum * row_max / 127^2). One C pass
+        per row does all of it where it can (`row_copy.update_int8_momentum`), the torch ops below elsewhere.
         """
         count = index.numel()
         velocity, scratch, codes = self._velocity[:count], self._scratch[:count], self._codes[:count]
+        if update_int8_momentum(state["momentum_code"], state["momentum_absmax"], index, grad,
+                                momentum / INT8_LEVELS**2, INT8_LEVELS**2, INT8_SMALLEST_ROW_MAX, velocity):
+            return velocity
         take_rows(state["momentum_code"], index, codes)
         gain = state["momentum_absmax"].index_select(0, index).to(velocity.dtype).mul_(momentum / INT8_LEVELS**2)
         velocity.copy_(codes)
