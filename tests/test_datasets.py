@@ -1,7 +1,12 @@
 """Datasets on real files (RecordIO face sets, image folders, pair lists) and the training DataLoader."""
 
+import os
+import subprocess
+import sys
+
 import cv2
 import numpy as np
+import psutil
 import pytest
 import torch
 from torch.utils.data import default_collate
@@ -23,6 +28,7 @@ from partial_fc.data.synthetic import render_identity_image
 from partial_fc.errors import DatasetError
 from partial_fc.eval.verification import evaluate_model
 from tests.faces import face_jpeg, write_faceset
+from tests.launchers import REPO
 
 SIZE = 24
 IDENTITIES, PER_IDENTITY = 4, 3
@@ -302,12 +308,13 @@ def test_random_faces_are_deterministic():
     assert not torch.equal(RandomFaceDataset(100, 7, (8, 8), seed=2)[0][0], a[0][0])
 
 
-def _run(dataset, workers, seed, batches=None, state=None):
+def _run(dataset, workers, seed, batches=None, state=None, start_method=None):
     """The batches (and the sampler state after them) of one loader run of epoch 0 on rank 1 of 2."""
     sampler = DistributedEpochSampler(len(dataset), 1, 2, seed=seed)
     if state is not None:
         sampler.load_state_dict(state)
-    loader = build_loader(dataset, 2, sampler, num_workers=workers, seed=seed, drop_last=False)
+    loader = build_loader(dataset, 2, sampler, num_workers=workers, seed=seed, drop_last=False,
+                          start_method=start_method)
     out = []
     for images, labels in loader:
         out.append((images, labels))
@@ -328,6 +335,7 @@ def test_loader_reproducible_across_runs_workers_and_restore(faceset):
     second, _ = _run(ds, 2, seed=3)
     assert len(first) == 3 and _same(first, second)
     assert _same(first, _run(ds, 0, seed=3)[0])  # flips follow the batch, not the worker
+    assert _same(first, _run(ds, 2, seed=3, start_method="forkserver")[0])  # the trainer's start on a CPU
     assert not _same(first, _run(ds, 2, seed=4)[0])
     head, state = _run(ds, 2, seed=3, batches=1)
     assert state["position"] == 2
@@ -337,6 +345,33 @@ def test_loader_reproducible_across_runs_workers_and_restore(faceset):
     flipped = [torch.equal(f, torch.flip(p, [1])) for (fb, _), (pb, _) in zip(first, plain) for f, p in zip(fb, pb)]
     kept = [torch.equal(f, p) for (fb, _), (pb, _) in zip(first, plain) for f, p in zip(fb, pb)]
     assert all(a or b for a, b in zip(flipped, kept)) and any(flipped) and any(kept)
+
+
+_KILLED_TRAINER = """
+import sys, time
+from partial_fc.data.datasets import RandomFaceDataset
+from partial_fc.data.loader import build_loader
+from partial_fc.data.sampler import DistributedEpochSampler
+dataset = RandomFaceDataset(64, 4, (8, 8), seed=1)
+loader = build_loader(dataset, 2, DistributedEpochSampler(64, 0, 1), num_workers=2, start_method="forkserver")
+next(iter(loader))
+print(" ".join(str(worker.pid) for worker in loader._iterator._workers), flush=True)
+time.sleep(600)
+"""
+
+
+def test_workers_started_through_a_fork_server_end_with_a_killed_trainer():
+    """Their parent is the fork server, which outlives a trainer killed with SIGKILL (or ended by os._exit)."""
+    trainer = subprocess.Popen([sys.executable, "-c", _KILLED_TRAINER], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        workers = [psutil.Process(int(pid)) for pid in trainer.stdout.readline().split()]
+        assert len(workers) == 2 and all(worker.ppid() != trainer.pid for worker in workers)
+    finally:
+        trainer.kill()
+        trainer.wait(timeout=30)
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers {[worker.pid for worker in alive]} outlived their trainer"
 
 
 def test_device_batch_normalises_the_uint8_batch(faceset):

@@ -576,3 +576,18 @@ def test_one_run_per_output_folder_and_a_killed_runs_folder_is_taken_over(facese
         sleeper.kill()
         sleeper.wait()
 
+
+
+def test_cpu_data_workers_hold_no_image_of_the_centers(tmp_path):
+    """On a CPU the shard and its momentum live in the trainer's memory. A forked worker would keep a copy-on-write
+    image of them, so each row the optimizer wrote would be duplicated (at 10M classes the OOM killer ended the
+    run by the second step); the workers start from a fresh process and each holds far less than the shard."""
+    overrides = ["rec=synthetic", "num_classes=400000", "embedding_size=512", "num_image=64", "batch_size=16",
+                 "num_workers=1", "num_epoch=1", "warmup_epoch=0", "sample_rate=0.1", "val_targets=[]",
+                 f"output={tmp_path}", "frequent=1"]
+    trainer = Trainer(load_config("synthetic", overrides, environ={}), SingleProcessCommunicator())
+    assert trainer.fit().steps == 4
+    shard_bytes = trainer.head.weight.numel() * trainer.head.weight.element_size()
+    workers = trainer.loader._iterator._workers  # persistent: alive after the epoch
+    assert len(workers) == 1
+    assert psutil.Process(workers[0].pid).memory_info().rss < shard_bytes / 2

@@ -9,7 +9,10 @@ comes as a ``LoadedBatch``, which unpacks as ``images, labels`` and carries the 
 
 from __future__ import annotations
 
+import os
 import random
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -22,7 +25,7 @@ from partial_fc.data.datasets import StackedSamples
 from partial_fc.data.decode import normalize_images
 from partial_fc.data.sampler import DistributedEpochSampler, EpochBatchSampler
 
-__all__ = ["EpochLoader", "LoadedBatch", "WorkerSeeder", "build_loader", "collate", "device_batch", "to_device"]
+__all__ = ["EpochLoader", "LoadedBatch", "WorkerSetup", "build_loader", "collate", "device_batch", "to_device"]
 
 
 class LoadedBatch:
@@ -49,24 +52,44 @@ def collate(samples: Any) -> Any:
     return default_collate(samples)
 
 
-class WorkerSeeder:
-    """``worker_init_fn``: seeds a worker's ``random``, numpy and torch generators from (seed, epoch, rank, worker).
+# How often a worker not forked from the trainer checks that the trainer is still there.
+TRAINER_CHECK_INTERVAL_S = 0.5
+
+
+def _exit_when_gone(pid: int) -> None:
+    """End this worker once process `pid` no longer exists (the trainer exited, crashed or was killed)."""
+    while True:
+        time.sleep(TRAINER_CHECK_INTERVAL_S)
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):  # PermissionError: another user's process took the pid
+            os._exit(0)
+
+
+class WorkerSetup:
+    """``worker_init_fn``: seeds a worker's ``random``, numpy and torch generators from (seed, epoch, rank, worker),
+    and ends a worker whose parent is not the trainer once the trainer is gone.
 
     Flips do not depend on these (they draw from each batch's seed); they are for any other randomness a
-    dataset uses, and make it reproducible. The epoch is the sampler's when the worker starts.
+    dataset uses, and make it reproducible. The epoch is the sampler's when the worker starts. A forked worker
+    watches its parent itself (DataLoader's own check); one started through a fork server (``trainer_pid``) has
+    the server as parent, which outlives a trainer that ends with ``os._exit`` or is killed.
     """
 
-    def __init__(self, seed: int, sampler: DistributedEpochSampler):
-        """Seed from ``seed`` and ``sampler``'s epoch and rank."""
-        self.seed, self.sampler = seed, sampler
+    def __init__(self, seed: int, sampler: DistributedEpochSampler, trainer_pid: int | None = None):
+        """Seed from ``seed`` and ``sampler``'s epoch and rank; watch ``trainer_pid`` when given."""
+        self.seed, self.sampler, self.trainer_pid = seed, sampler, trainer_pid
 
     def __call__(self, worker_id: int) -> None:
-        """Seed this worker process's global generators."""
+        """Seed this worker process's global generators; start watching the trainer."""
         entropy = [self.seed, self.sampler.epoch, self.sampler.rank, worker_id]
         state = np.random.SeedSequence(entropy).generate_state(4)
         random.seed(int(state[0]))
         np.random.seed(state)
         torch.manual_seed(int(state[1]) << 32 | int(state[2]))
+        if self.trainer_pid is not None:
+            threading.Thread(target=_exit_when_gone, args=(self.trainer_pid,), name="trainer-watch",
+                             daemon=True).start()
 
 
 class EpochLoader(DataLoader):
@@ -89,9 +112,15 @@ class EpochLoader(DataLoader):
 
 def build_loader(dataset: Dataset, batch_size: int, sampler: DistributedEpochSampler, num_workers: int = 4,
                  pin_memory: bool | None = None, prefetch_factor: int = 2, drop_last: bool = True,
-                 seed: int = 0) -> EpochLoader:
+                 seed: int = 0, start_method: str | None = None) -> EpochLoader:
     """A loader of ``batch_size`` batches from ``sampler``'s epochs: persistent workers when ``num_workers > 0``,
-    ``prefetch_factor`` batches ahead per worker, memory pinned when CUDA is available (``pin_memory=None``)."""
+    ``prefetch_factor`` batches ahead per worker, memory pinned when CUDA is available (``pin_memory=None``).
+
+    ``start_method`` is how the workers start (None: the platform's default, fork on Linux). A forked worker
+    keeps a copy-on-write image of everything the process held, so each page the process writes afterwards is
+    duplicated; "forkserver" starts them from a fresh process instead (the dataset is pickled to them), and
+    they end themselves when this process is gone.
+    """
     workers = num_workers > 0
     return EpochLoader(
         dataset,
@@ -101,7 +130,9 @@ def build_loader(dataset: Dataset, batch_size: int, sampler: DistributedEpochSam
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         prefetch_factor=prefetch_factor if workers else None,
         persistent_workers=workers,
-        worker_init_fn=WorkerSeeder(seed, sampler) if workers else None,
+        worker_init_fn=WorkerSetup(seed, sampler, None if start_method in (None, "fork") else os.getpid())
+        if workers else None,
+        multiprocessing_context=start_method if workers else None,
         generator=torch.Generator().manual_seed(seed),  # DataLoader's own seeds: fixed, and the global RNG untouched
     )
 

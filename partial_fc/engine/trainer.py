@@ -191,8 +191,12 @@ class Trainer:
         self.amp_dtype = DTYPES[cfg.amp_dtype] if cfg.fp16 else None
         use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        # On a CPU the centers and their optimizer state live in this process's memory: forked workers would
+        # keep their copy-on-write image alive, and every row the optimizer writes would then be duplicated
+        # (10M classes on 2 ranks of a 24 GiB machine: killed for memory by the second step).
+        start_method = "forkserver" if self.device.type == "cpu" else None
         self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, num_workers=cfg.num_workers,
-                                   seed=cfg.seed)
+                                   seed=cfg.seed, start_method=start_method)
         self.step, self.skipped, self.nonfinite_in_a_row = 0, 0, 0
         self.run_lock: RunLock | None = None
         claimed = run_on_root(comm, self._claim_output)
