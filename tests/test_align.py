@@ -1,4 +1,5 @@
-"""Five-point alignment: the similarity fit against an independent least-squares solve, the crop, and `partial-fc align`."""
+"""Five-point alignment: the similarity fit against an independent least-squares solve, the crop, and
+`partial-fc align`."""
 
 import json
 import math
@@ -40,13 +41,16 @@ def test_fit_equals_an_independent_least_squares_solve():
         src = rng.uniform(0, 400, size=(5, 2))
         dst = rng.uniform(0, 112, size=(5, 2))
         np.testing.assert_allclose(similarity_transform(src, dst), least_squares_similarity(src, dst), atol=1e-4)
-        landmarks = apply(similarity(rng.uniform(-60, 60), rng.uniform(0.5, 3), rng.uniform(-50, 50, 2)),
-                          ARCFACE_DST) + rng.normal(0, 2, (5, 2))
-        np.testing.assert_allclose(alignment_matrix(landmarks), least_squares_similarity(landmarks, ARCFACE_DST),
-                                   atol=1e-4)
+        landmarks = apply(
+            similarity(rng.uniform(-60, 60), rng.uniform(0.5, 3), rng.uniform(-50, 50, 2)), ARCFACE_DST
+        ) + rng.normal(0, 2, (5, 2))
+        np.testing.assert_allclose(
+            alignment_matrix(landmarks), least_squares_similarity(landmarks, ARCFACE_DST), atol=1e-4
+        )
     mirrored = ARCFACE_DST * [-1.0, 1.0] + [112.0, 0.0]  # best fitted by a reflection, which is not allowed
-    np.testing.assert_allclose(similarity_transform(ARCFACE_DST, mirrored),
-                               least_squares_similarity(ARCFACE_DST, mirrored), atol=1e-4)
+    np.testing.assert_allclose(
+        similarity_transform(ARCFACE_DST, mirrored), least_squares_similarity(ARCFACE_DST, mirrored), atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("size", [112, 224, 128, 256])
@@ -80,16 +84,19 @@ def test_outside_the_image_is_black():
     assert (aligned[:40] == 0).all() and (aligned[:, 72:] == 0).all() and aligned[56, 56].any()
 
 
-@pytest.mark.parametrize("landmarks, message", [
-    (np.zeros((4, 2)), "shape"),
-    (np.zeros(10), "shape"),
-    ([[1, 2]] * 5 + [[3, 4]], "shape"),
-    (np.array([[np.nan, 1.0]] * 5), "finite"),
-    (np.array([[np.inf, 1.0]] * 5), "finite"),
-    ([["a", "b"]] * 5, "numbers"),
-    (None, "shape"),
-    (np.full((5, 2), 30.0), "degenerate"),
-])
+@pytest.mark.parametrize(
+    "landmarks, message",
+    [
+        (np.zeros((4, 2)), "shape"),
+        (np.zeros(10), "shape"),
+        ([[1, 2]] * 5 + [[3, 4]], "shape"),
+        (np.array([[np.nan, 1.0]] * 5), "finite"),
+        (np.array([[np.inf, 1.0]] * 5), "finite"),
+        ([["a", "b"]] * 5, "numbers"),
+        (None, "shape"),
+        (np.full((5, 2), 30.0), "degenerate"),
+    ],
+)
 def test_bad_landmarks_are_clear_errors(landmarks, message):
     with pytest.raises(InputError, match=message):
         norm_crop(np.zeros((50, 50, 3), np.uint8), landmarks)
@@ -125,8 +132,11 @@ def make_loose_folder(root, count: int = 10) -> tuple[list[str], dict]:
 
 
 def files_under(folder) -> dict:
-    return {os.path.relpath(os.path.join(path, name), folder): open(os.path.join(path, name), "rb").read()
-            for path, _, names in os.walk(folder) for name in names}
+    return {
+        os.path.relpath(os.path.join(path, name), folder): open(os.path.join(path, name), "rb").read()
+        for path, _, names in os.walk(folder)
+        for name in names
+    }
 
 
 def test_align_cli_writes_the_crops_serial_and_parallel_alike(tmp_path, capsys):
@@ -136,8 +146,9 @@ def test_align_cli_writes_the_crops_serial_and_parallel_alike(tmp_path, capsys):
     outputs = {}
     for workers in ("1", "2"):
         out = tmp_path / f"aligned_{workers}"
-        status, stdout, _ = call(capsys, "align", str(root), str(tmp_path / "lmk.txt"), str(out), "--workers", workers,
-                                 "--quiet")
+        status, stdout, _ = call(
+            capsys, "align", str(root), str(tmp_path / "lmk.txt"), str(out), "--workers", workers, "--quiet"
+        )
         summary = json.loads(stdout)
         assert status == 0 and summary["job"] == "align" and summary["images"] == 10 and summary["bad"] == 0
         outputs[workers] = files_under(out)
@@ -147,8 +158,18 @@ def test_align_cli_writes_the_crops_serial_and_parallel_alike(tmp_path, capsys):
         assert aligned.shape == (112, 112, 3)
         if relative.endswith(".png"):  # lossless: exactly norm_crop's pixels
             np.testing.assert_array_equal(aligned, norm_crop(loose, landmarks))
-    status, stdout, _ = call(capsys, "align", str(root), str(tmp_path / "lmk.txt"), str(tmp_path / "big"),
-                             "--size", "224", "--workers", "1", "--quiet")
+    status, stdout, _ = call(
+        capsys,
+        "align",
+        str(root),
+        str(tmp_path / "lmk.txt"),
+        str(tmp_path / "big"),
+        "--size",
+        "224",
+        "--workers",
+        "1",
+        "--quiet",
+    )
     assert status == 0 and cv2.imread(str(tmp_path / "big" / "png/0.png")).shape == (224, 224, 3)
 
 
@@ -165,17 +186,25 @@ def test_align_cli_names_each_bad_input_or_skips_it(tmp_path, capsys):
         "degenerate": format_landmark_line("png/extra.png", np.full((5, 2), 7.0), 1.0),
         "extension": format_landmark_line("png/0.bmp", ARCFACE_DST, 1.0),
     }
-    expected = {"missing": "missing.png", "broken": "cannot decode", "short": "11 or 12 fields",
-                "escape": "relative", "degenerate": "degenerate", "extension": "JPEG or PNG"}
+    expected = {
+        "missing": "missing.png",
+        "broken": "cannot decode",
+        "short": "11 or 12 fields",
+        "escape": "relative",
+        "degenerate": "degenerate",
+        "extension": "JPEG or PNG",
+    }
     landmark_file = tmp_path / "lmk.txt"
     for name, line in bad.items():
         landmark_file.write_text("\n".join(lines[:2] + [line] + lines[2:]) + "\n")
-        status, _, err = call(capsys, "align", str(root), str(landmark_file), str(tmp_path / "out"), "--workers", "2",
-                              "--quiet")
+        status, _, err = call(
+            capsys, "align", str(root), str(landmark_file), str(tmp_path / "out"), "--workers", "2", "--quiet"
+        )
         assert_one_error(status, err, str(landmark_file), "line 3", expected[name])
     landmark_file.write_text("\n".join(lines + [bad["missing"], bad["broken"], bad["short"], lines[0]]) + "\n")
-    status, stdout, _ = call(capsys, "align", str(root), str(landmark_file), str(tmp_path / "skipped"), "--skip-bad",
-                             "--quiet")
+    status, stdout, _ = call(
+        capsys, "align", str(root), str(landmark_file), str(tmp_path / "skipped"), "--skip-bad", "--quiet"
+    )
     summary = json.loads(stdout)
     assert status == 0 and summary["images"] == 4 and summary["bad"] == 4, summary
     assert any("already listed on line 1" in line for line in summary["bad_lines"])

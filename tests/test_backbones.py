@@ -29,11 +29,32 @@ with gzip.open(FIXTURES / "manifest.json.gz", "rt", encoding="utf-8") as _handle
 EMBEDDINGS = dict(np.load(FIXTURES / "embeddings.npz"))
 
 ARCFACE_NAMES = {
-    "r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large", "vit_t", "vit_t_dp005_mask0", "vit_s",
-    "vit_s_dp005_mask_0", "vit_b", "vit_b_dp005_mask_005",
+    "r18",
+    "r34",
+    "r50",
+    "r100",
+    "r200",
+    "mbf",
+    "mbf_large",
+    "vit_t",
+    "vit_t_dp005_mask0",
+    "vit_s",
+    "vit_s_dp005_mask_0",
+    "vit_b",
+    "vit_b_dp005_mask_005",
 }
 HUGE = {"r2060", "vit_h"}  # forward checked on the meta device only
-SLOW = {"r50", "mbf_large", "r100", "r200", "vit_s", "vit_s_dp005_mask_0", "vit_b", "vit_b_dp005_mask_005", "vit_l_dp005_mask_005"}
+SLOW = {
+    "r50",
+    "mbf_large",
+    "r100",
+    "r200",
+    "vit_s",
+    "vit_s_dp005_mask_0",
+    "vit_b",
+    "vit_b_dp005_mask_005",
+    "vit_l_dp005_mask_005",
+}
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, list[int]]:
@@ -147,8 +168,9 @@ def test_vit_rejects_other_image_sizes():
         model(torch.zeros(1, 3, 96, 96))
 
 
-@pytest.mark.parametrize("name, body, head", [("r18", "layer4", "fc"), ("mbf", "layers.7", "conv_sep"),
-                                              ("vit_t", "blocks.11.mlp", "norm")])
+@pytest.mark.parametrize(
+    "name, body, head", [("r18", "layer4", "fc"), ("mbf", "layers.7", "conv_sep"), ("vit_t", "blocks.11.mlp", "norm")]
+)
 def test_fp16_runs_the_body_in_half_precision_and_the_head_in_float32(name, body, head):
     seen = {}
     reference = _with_fixture_weights(get_model(name, num_features=64)).eval()

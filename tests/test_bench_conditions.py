@@ -23,8 +23,15 @@ from partial_fc.perf.tables import head_table, read_lines
 from tests.cli_helpers import call
 from tests.launchers import REPO
 
-CONDITION_KEYS = ("load_average_start", "load_average_end", "load_average_max", "cores", "threads_per_rank", "ranks",
-                  "warnings")
+CONDITION_KEYS = (
+    "load_average_start",
+    "load_average_end",
+    "load_average_max",
+    "cores",
+    "threads_per_rank",
+    "ranks",
+    "warnings",
+)
 
 
 @pytest.fixture
@@ -108,8 +115,22 @@ def test_a_floor_much_slower_than_its_reference_warns(load):
 
 
 def _bench_head(capsys, *extra: str) -> tuple[dict, str]:
-    status, out, err = call(capsys, "bench", "head", "--classes", "3000", "--dim", "16", "--batch", "8",
-                            "--sample-rate", "0.5", "--steps", "2", *extra)
+    status, out, err = call(
+        capsys,
+        "bench",
+        "head",
+        "--classes",
+        "3000",
+        "--dim",
+        "16",
+        "--batch",
+        "8",
+        "--sample-rate",
+        "0.5",
+        "--steps",
+        "2",
+        *extra,
+    )
     assert status == 0, err
     (result,) = read_lines(out, "head")
     return result, err
@@ -174,17 +195,46 @@ def _bench_head_takes(*options: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("options", [["--sample-rate", "1.0"], ["--sample-rate", "0.1"],
-                                     ["--sample-rate", "0.1", "--storage-dtype", "bfloat16", "--update-in-step"],
-                                     ["--sample-rate", "0.1", "--momentum-dtype", "int8"]],
-                         ids=["full", "partial", "bf16_step", "int8_momentum"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--sample-rate", "1.0"],
+        ["--sample-rate", "0.1"],
+        ["--sample-rate", "0.1", "--storage-dtype", "bfloat16", "--update-in-step"],
+        ["--sample-rate", "0.1", "--momentum-dtype", "int8"],
+    ],
+    ids=["full", "partial", "bf16_step", "int8_momentum"],
+)
 def test_the_memory_estimate_matches_the_measured_peak(options):
     """A fresh process's peak RSS over the head's steps against the estimate made before the head existed."""
     if not _bench_head_takes(*options):
         pytest.skip(f"bench head has no {' '.join(options)}")
-    job = subprocess.run([sys.executable, "-m", "partial_fc", "bench", "head", "--classes", "300000", "--dim", "128",
-                          "--batch", "64", "--steps", "1", "--warmup", "2", "--reference-repeats", "1", *options],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    job = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "partial_fc",
+            "bench",
+            "head",
+            "--classes",
+            "300000",
+            "--dim",
+            "128",
+            "--batch",
+            "64",
+            "--steps",
+            "1",
+            "--warmup",
+            "2",
+            "--reference-repeats",
+            "1",
+            *options,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert job.returncode == 0, job.stderr
     (result,) = read_lines(job.stdout, "head")
     head_measured = result["peak_memory_gib"] - result["baseline_memory_gib"]
@@ -194,21 +244,52 @@ def test_the_memory_estimate_matches_the_measured_peak(options):
 
 
 def test_the_head_table_has_a_row_per_run_including_those_not_run():
-    ran = {"bench": "head", "backend": "horovod", "device": "cpu", "ranks": 2, "classes": 1_000_000,
-           "batch_per_rank": 128, "sample_rate": 0.1, "storage_dtype": "float32", "update": "backward",
-           "step_s": 1.5, "matmul_floor_s": 1.25, "step_over_floor": 1.2, "peak_memory_gib": 2.37,
-           "estimated_memory_gib": 2.35, "fits": True, "load_average_start": 0.8, "load_average_end": 2.9,
-           "load_average_max": 2.9, "cores": 2, "threads_per_rank": 1, "floor_over_reference": 1.3,
-           "matmul_floor_reference_s": 0.96,
-           "warnings": ["machine loaded: ..."]}
-    too_big = {"bench": "head", "classes": 10_000_000, "sample_rate": 1.0, "storage_dtype": "bfloat16", "fits": False,
-               "estimated_memory_gib": 14.8, "message": "does not fit: needs ~14.8 GiB per rank, 10.2 GiB available"}
-    failed = {"bench": "head", "failed": "exit status 137",
-              "command": ["--classes", "10000000", "--sample-rate", "0.1", "--storage-dtype", "bfloat16"]}
+    ran = {
+        "bench": "head",
+        "backend": "horovod",
+        "device": "cpu",
+        "ranks": 2,
+        "classes": 1_000_000,
+        "batch_per_rank": 128,
+        "sample_rate": 0.1,
+        "storage_dtype": "float32",
+        "update": "backward",
+        "step_s": 1.5,
+        "matmul_floor_s": 1.25,
+        "step_over_floor": 1.2,
+        "peak_memory_gib": 2.37,
+        "estimated_memory_gib": 2.35,
+        "fits": True,
+        "load_average_start": 0.8,
+        "load_average_end": 2.9,
+        "load_average_max": 2.9,
+        "cores": 2,
+        "threads_per_rank": 1,
+        "floor_over_reference": 1.3,
+        "matmul_floor_reference_s": 0.96,
+        "warnings": ["machine loaded: ..."],
+    }
+    too_big = {
+        "bench": "head",
+        "classes": 10_000_000,
+        "sample_rate": 1.0,
+        "storage_dtype": "bfloat16",
+        "fits": False,
+        "estimated_memory_gib": 14.8,
+        "message": "does not fit: needs ~14.8 GiB per rank, 10.2 GiB available",
+    }
+    failed = {
+        "bench": "head",
+        "failed": "exit status 137",
+        "command": ["--classes", "10000000", "--sample-rate", "0.1", "--storage-dtype", "bfloat16"],
+    }
     lines = "\n".join(["noise", f"[1,0]<stdout>:{json.dumps(ran)}", json.dumps(too_big), json.dumps(failed)])
     table = head_table(read_lines(lines, "head")).splitlines()
     assert table[0].startswith("| classes | r | method |") and len([row for row in table if row.startswith("| ")]) == 5
-    assert "| 1,000,000 | 0.1 | Partial FC | horovod | float32 | in backward | 1.5 | 1.25 | 1.20 | 170.7 | 2.370 |" in table[2]
+    assert (
+        "| 1,000,000 | 0.1 | Partial FC | horovod | float32 | in backward | 1.5 | 1.25 | 1.20 | 170.7 | 2.370 |"
+        in table[2]
+    )
     assert "warning: loaded, load average 2.9 on 2 cores; warning: loaded, floor 1.3x its reference" in table[2]
     assert "| 10,000,000 | 1 | model parallel (full softmax) |" in table[3]
     assert table[3].endswith("| does not fit: needs ~14.8 GiB per rank, 10.2 GiB available |")
@@ -216,14 +297,29 @@ def test_the_head_table_has_a_row_per_run_including_those_not_run():
     own_ranks = {**ran, "compute_thread_wait_share": 0.02, "floor_over_reference": 1.0}  # load 2.9 from its own ranks
     waited = {**own_ranks, "compute_thread_wait_share": 0.12}
     quiet_row, loaded_row = head_table([own_ranks, waited]).splitlines()[2:4]
-    assert quiet_row.endswith("| 2.350 |  |") and "warning: loaded, the compute thread waited 12% for a core" in loaded_row
+    assert (
+        quiet_row.endswith("| 2.350 |  |") and "warning: loaded, the compute thread waited 12% for a core" in loaded_row
+    )
     assert "2 rank(s) x 1 thread(s) on cpu, 2 cores" in table[-1] and "1 of 1 runs warned" in table[-1]
 
 
 def test_bench_eval_ijb_states_its_conditions(capsys, load):
     load(9.0)
-    status, out, err = call(capsys, "bench", "eval-ijb", "--identities", "3", "--pairs", "2000", "--network",
-                            "r10_nano", "--embedding-size", "32", "--batch-size", "8")
+    status, out, err = call(
+        capsys,
+        "bench",
+        "eval-ijb",
+        "--identities",
+        "3",
+        "--pairs",
+        "2000",
+        "--network",
+        "r10_nano",
+        "--embedding-size",
+        "32",
+        "--batch-size",
+        "8",
+    )
     assert status == 0, err
     lines = read_lines(out, "eval-ijb embed") + read_lines(out, "eval-ijb scoring")
     assert len(lines) == 2

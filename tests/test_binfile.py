@@ -137,8 +137,7 @@ def test_protocol_2_and_numpy_bool_flags(tmp_path, pairs):
     _, images, issame = pairs
     path = tmp_path / "p2.bin"
     # protocol 2 from Python 3 writes bytes as _codecs.encode(str, 'latin1') and bytearray via __builtin__
-    path.write_bytes(pickle.dumps(([bytearray(images[0])] + images[1:] , [np.bool_(v) for v in issame]),
-                                  protocol=2))
+    path.write_bytes(pickle.dumps(([bytearray(images[0])] + images[1:], [np.bool_(v) for v in issame]), protocol=2))
     data = read_bin(path)
     assert [bytes(b) for b in data.images] == images
     assert data.issame == issame and all(type(v) is bool for v in data.issame)
@@ -162,12 +161,26 @@ def _py2_pickle(images, issame) -> bytes:
 
 def _py2_ndarray(data: bytes) -> bytes:
     """A 1-D uint8 numpy array pickled by Python 2 numpy (protocol 2): module names numpy.core, ``str`` data."""
-    return (b"cnumpy.core.multiarray\n_reconstruct\n" b"cnumpy\nndarray\n" b"K\x00\x85" + _py2_string(b"b")
-            + b"\x87R"  # _reconstruct(ndarray, (0,), 'b')
-            + b"(K\x01" + b"J" + struct.pack("<i", len(data)) + b"\x85"  # (1, (n,),
-            + b"cnumpy\ndtype\n" + _py2_string(b"u1") + b"\x89\x88\x87R"  # dtype('u1', False, True)
-            + b"(K\x03" + _py2_string(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"  # dtype state
-            + b"\x89" + _py2_string(data) + b"tb")  # False, data) BUILD
+    return (
+        b"cnumpy.core.multiarray\n_reconstruct\n"
+        b"cnumpy\nndarray\n"
+        b"K\x00\x85"
+        + _py2_string(b"b")
+        + b"\x87R"  # _reconstruct(ndarray, (0,), 'b')
+        + b"(K\x01"
+        + b"J"
+        + struct.pack("<i", len(data))
+        + b"\x85"  # (1, (n,),
+        + b"cnumpy\ndtype\n"
+        + _py2_string(b"u1")
+        + b"\x89\x88\x87R"  # dtype('u1', False, True)
+        + b"(K\x03"
+        + _py2_string(b"|")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"  # dtype state
+        + b"\x89"
+        + _py2_string(data)
+        + b"tb"
+    )  # False, data) BUILD
 
 
 def test_python2_pickle_with_str_images(tmp_path, pairs):
@@ -241,9 +254,11 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, pairs, kind, pro
     _, images, issame = pairs
     marker = tmp_path / "pwned"
     payload = _payloads(marker)[kind]
-    obj = {"top": payload,
-           "image": (images[:3] + [payload] + images[4:], issame),
-           "issame": (images, [True, payload, True, False])}[where]
+    obj = {
+        "top": payload,
+        "image": (images[:3] + [payload] + images[4:], issame),
+        "issame": (images, [True, payload, True, False]),
+    }[where]
     path = tmp_path / "evil.bin"
     path.write_bytes(pickle.dumps(obj, protocol=protocol))
     with pytest.raises(BinFileError) as info:
@@ -257,13 +272,28 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, pairs, kind, pro
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("module,name", [("numpy", "load"), ("numpy", "ndarray.tofile"), ("builtins", "getattr"),
-                                         ("numpy._core.multiarray", "_reconstruct.__globals__"),
-                                         ("copyreg", "_reconstructor"), ("numpy", "frombuffer")])
+@pytest.mark.parametrize(
+    "module,name",
+    [
+        ("numpy", "load"),
+        ("numpy", "ndarray.tofile"),
+        ("builtins", "getattr"),
+        ("numpy._core.multiarray", "_reconstruct.__globals__"),
+        ("copyreg", "_reconstructor"),
+        ("numpy", "frombuffer"),
+    ],
+)
 def test_globals_outside_the_allow_list_are_refused(tmp_path, module, name):
     # protocol 4 STACK_GLOBAL, which with the default find_class would even follow dotted names
-    raw = (b"\x80\x04\x8c" + bytes([len(module)]) + module.encode() + b"\x8c" + bytes([len(name)]) + name.encode()
-           + b"\x93.")
+    raw = (
+        b"\x80\x04\x8c"
+        + bytes([len(module)])
+        + module.encode()
+        + b"\x8c"
+        + bytes([len(name)])
+        + name.encode()
+        + b"\x93."
+    )
     path = tmp_path / "g.bin"
     path.write_bytes(raw)
     with pytest.raises(BinFileError, match=f"{module}.{name}".replace(".", r"\.")) as info:
@@ -289,21 +319,24 @@ def _write_raw(tmp_path, obj, name="bad.bin"):
     return path
 
 
-@pytest.mark.parametrize("make,pattern", [
-    (lambda im, s: {"bins": im}, r"expected a 2-tuple"),
-    (lambda im, s: (im, s, None), r"expected a 2-tuple"),
-    (lambda im, s: (im[:-1], s), r"7 images but issame_list has 4 pairs"),
-    (lambda im, s: (im, s + [True]), r"8 images but issame_list has 5 pairs"),
-    (lambda im, s: (im[:3] + [42] + im[4:], s), r"image 3: image must be encoded bytes"),
-    (lambda im, s: (im[:5] + ["text"] + im[6:], s), r"image 5: .*got str"),
-    (lambda im, s: (im[:1] + [np.zeros(4, np.float32)] + im[2:], s), r"image 1: .*dtype float32"),
-    (lambda im, s: (im, [True, "yes", True, False]), r"issame 1: issame flag must be a bool"),
-    (lambda im, s: (im, [True, False, 2, False]), r"issame 2: "),
-    (lambda im, s: (im, [True, False, True, 0.0]), r"issame 3: "),
-    (lambda im, s: ([], []), r"no pairs"),
-    (lambda im, s: ("abc", s), r"bins must be a list"),
-    (lambda im, s: (im, "TFTF"), r"issame_list must be a list"),
-])
+@pytest.mark.parametrize(
+    "make,pattern",
+    [
+        (lambda im, s: {"bins": im}, r"expected a 2-tuple"),
+        (lambda im, s: (im, s, None), r"expected a 2-tuple"),
+        (lambda im, s: (im[:-1], s), r"7 images but issame_list has 4 pairs"),
+        (lambda im, s: (im, s + [True]), r"8 images but issame_list has 5 pairs"),
+        (lambda im, s: (im[:3] + [42] + im[4:], s), r"image 3: image must be encoded bytes"),
+        (lambda im, s: (im[:5] + ["text"] + im[6:], s), r"image 5: .*got str"),
+        (lambda im, s: (im[:1] + [np.zeros(4, np.float32)] + im[2:], s), r"image 1: .*dtype float32"),
+        (lambda im, s: (im, [True, "yes", True, False]), r"issame 1: issame flag must be a bool"),
+        (lambda im, s: (im, [True, False, 2, False]), r"issame 2: "),
+        (lambda im, s: (im, [True, False, True, 0.0]), r"issame 3: "),
+        (lambda im, s: ([], []), r"no pairs"),
+        (lambda im, s: ("abc", s), r"bins must be a list"),
+        (lambda im, s: (im, "TFTF"), r"issame_list must be a list"),
+    ],
+)
 def test_structural_errors_name_file_and_index(tmp_path, pairs, make, pattern):
     _, images, issame = pairs
     path = _write_raw(tmp_path, make(list(images), list(issame)))

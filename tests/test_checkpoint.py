@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 import pytest
 import torch
@@ -265,27 +264,47 @@ def adam_like_head(start: int, end: int, seed: int):
     """A shard [start, end) with an Adam optimizer whose state has per-row tensors of two ranks and a scalar."""
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(end - start, 8, generator=generator)
-    head = SimpleNamespace(weight=weight, class_start=start, num_local=end - start, num_classes=CLASSES,
-                           embedding_size=8, generator=torch.Generator().manual_seed(seed))
+    head = SimpleNamespace(
+        weight=weight,
+        class_start=start,
+        num_local=end - start,
+        num_classes=CLASSES,
+        embedding_size=8,
+        generator=torch.Generator().manual_seed(seed),
+    )
     optimizer = torch.optim.Adam([weight], lr=0.01 * (seed + 1))
     rows = end - start
-    optimizer.state[weight].update(step=torch.tensor(float(seed)), exp_avg=torch.randn(rows, 8, generator=generator),
-                                   exp_avg_sq=torch.rand(rows, 8, generator=generator).double(),
-                                   row_norm=torch.rand(rows, generator=generator))
+    optimizer.state[weight].update(
+        step=torch.tensor(float(seed)),
+        exp_avg=torch.randn(rows, 8, generator=generator),
+        exp_avg_sq=torch.rand(rows, 8, generator=generator).double(),
+        row_norm=torch.rand(rows, generator=generator),
+    )
     return head, optimizer
 
 
 def test_every_per_row_optimizer_tensor_is_resharded_and_scalar_state_kept(tmp_path):
     setup = build(COMM)
     head, optimizer = adam_like_head(0, CLASSES, seed=3)
-    path = save_checkpoint(tmp_path, TrainingParts(backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer,
-                                                   head=head, head_optimizer=optimizer), comm=COMM, step=4, epoch=0)
+    path = save_checkpoint(
+        tmp_path,
+        TrainingParts(
+            backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer, head=head, head_optimizer=optimizer
+        ),
+        comm=COMM,
+        step=4,
+        epoch=0,
+    )
     assert json.loads((path / "manifest.json").read_text())["row_state"] == ["exp_avg", "exp_avg_sq", "row_norm"]
     saved = optimizer.state[head.weight]
     for start, end in ((0, 17), (17, 34), (34, 50), (10, 45)):
         shard, shard_optimizer = adam_like_head(start, end, seed=11)
-        parts = TrainingParts(backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer, head=shard,
-                              head_optimizer=shard_optimizer)
+        parts = TrainingParts(
+            backbone=setup.backbone,
+            backbone_optimizer=setup.backbone_optimizer,
+            head=shard,
+            head_optimizer=shard_optimizer,
+        )
         state = load_checkpoint(path, parts, comm=FirstOfMany(3))
         assert state.resharded and not state.rng_restored and state.notes
         loaded = shard_optimizer.state[shard.weight]
@@ -317,14 +336,32 @@ def test_sampler_without_world_size_restarts_the_epoch_on_another_world_size(tmp
     head, optimizer = adam_like_head(0, CLASSES, seed=3)
     sampler = EpochOnlySampler()
     sampler.epoch, sampler.position = 2, 7
-    path = save_checkpoint(tmp_path, TrainingParts(backbone=setup.backbone, sampler=sampler,
-                                                   backbone_optimizer=setup.backbone_optimizer, head=head,
-                                                   head_optimizer=optimizer), comm=COMM, step=9, epoch=2)
+    path = save_checkpoint(
+        tmp_path,
+        TrainingParts(
+            backbone=setup.backbone,
+            sampler=sampler,
+            backbone_optimizer=setup.backbone_optimizer,
+            head=head,
+            head_optimizer=optimizer,
+        ),
+        comm=COMM,
+        step=9,
+        epoch=2,
+    )
     shard, shard_optimizer = adam_like_head(0, 17, seed=1)
     resumed = EpochOnlySampler()
-    state = load_checkpoint(path, TrainingParts(backbone=setup.backbone, sampler=resumed,
-                                                backbone_optimizer=setup.backbone_optimizer, head=shard,
-                                                head_optimizer=shard_optimizer), comm=FirstOfMany(3))
+    state = load_checkpoint(
+        path,
+        TrainingParts(
+            backbone=setup.backbone,
+            sampler=resumed,
+            backbone_optimizer=setup.backbone_optimizer,
+            head=shard,
+            head_optimizer=shard_optimizer,
+        ),
+        comm=FirstOfMany(3),
+    )
     assert state.sampler_restarted and (resumed.epoch, resumed.position) == (2, 0)
     assert any("restarts from its beginning" in note for note in state.notes)
 
@@ -389,7 +426,6 @@ def test_truncated_shard_fails_every_rank_with_the_same_error(tmp_path):
     assert output.count(f"partial-fc: error: no valid checkpoint in {root}: checkpoint file {shard} has") == 3, output
 
 
-
 # ------------------------------------------------------------------------------------ faults: corruption, kills
 
 
@@ -431,8 +467,12 @@ KILLED = {"writing": 1, "manifest_written": 1, "renamed": 2, "latest_written": 2
 
 def test_a_kill_at_any_moment_of_a_save_leaves_the_newest_complete_checkpoint_to_resume(tmp_path):
     """A real SIGKILL of the saving process at each moment of a save (see tests/workers/checkpoint_faults.py)."""
-    done = subprocess.run([sys.executable, worker("checkpoint_faults.py"), "kill", str(tmp_path), *KILLED],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, worker("checkpoint_faults.py"), "kill", str(tmp_path), *KILLED],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "killed.json").read_text()) == dict.fromkeys(KILLED, 9)  # each died by SIGKILL
     for point, newest in KILLED.items():
@@ -449,16 +489,32 @@ def test_a_kill_at_any_moment_of_a_save_leaves_the_newest_complete_checkpoint_to
 def test_failed_saves_on_a_full_then_read_only_disk_remove_their_partial_and_keep_the_previous(tmp_path):
     """A real tmpfs in a private mount namespace: filled up (ENOSPC), then remounted read-only (EROFS)."""
     root, report = tmp_path / "disk", tmp_path / "report.json"
-    done = subprocess.run([*mounts.full_disk(root, 512, tmp_path / "kept"), sys.executable,
-                           worker("checkpoint_faults.py"), "disk", str(root), "--report", str(report)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            *mounts.full_disk(root, 512, tmp_path / "kept"),
+            sys.executable,
+            worker("checkpoint_faults.py"),
+            "disk",
+            str(root),
+            "--report",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     outcome = json.loads(report.read_text())
     assert outcome["step_1"] == "saved"
-    for step, cause in ((2, r"\.partial/[\w.-]+\.pt: No space left on device \(ENOSPC\)"),
-                        (3, r"\.partial: Read-only file system \(EROFS\)")):
-        assert re.search(rf"checkpoint {root}/step_0000000{step} was not saved: cannot write {root}/"
-                         rf"\.step_0000000{step}{cause}", outcome[f"step_{step}"]), outcome
+    for step, cause in (
+        (2, r"\.partial/[\w.-]+\.pt: No space left on device \(ENOSPC\)"),
+        (3, r"\.partial: Read-only file system \(EROFS\)"),
+    ):
+        assert re.search(
+            rf"checkpoint {root}/step_0000000{step} was not saved: cannot write {root}/"
+            rf"\.step_0000000{step}{cause}",
+            outcome[f"step_{step}"],
+        ), outcome
         assert f"the newest checkpoint, {root}/step_00000001, is intact" in outcome[f"step_{step}"]
     assert "the unfinished .step_00000002.partial was removed" in outcome["step_2"]
     assert outcome["after_step_2"] == ["ballast", "latest", "step_00000001"]
@@ -494,8 +550,11 @@ def test_a_held_run_lock_refuses_naming_the_folder_and_its_owner(tmp_path):
     lock = RunLock.acquire(tmp_path)
     with pytest.raises(OutputFolderError) as refused:
         RunLock.acquire(tmp_path)
-    assert f"output folder {tmp_path} is in use by another run (host {socket.gethostname()}, pid {os.getpid()}, " \
-           "started 20" in str(refused.value) and f"delete {tmp_path / 'run.lock'}" in str(refused.value)
+    assert (
+        f"output folder {tmp_path} is in use by another run (host {socket.gethostname()}, pid {os.getpid()}, started 20"
+        in str(refused.value)
+        and f"delete {tmp_path / 'run.lock'}" in str(refused.value)
+    )
     lock.release()
     assert not (tmp_path / "run.lock").exists()
     process = a_live_process()  # another live process on this host
@@ -546,8 +605,10 @@ def test_a_restart_of_the_same_job_takes_over_its_earlier_attempts_lock_on_any_h
     lock = RunLock.acquire(tmp_path / "restart")
     assert lock.took_over == first
     lock.release()
-    for name, owner in {"other job": dataclasses.replace(first, job="job-8"),
-                        "later attempt": dataclasses.replace(first, attempt=2)}.items():
+    for name, owner in {
+        "other job": dataclasses.replace(first, job="job-8"),
+        "later attempt": dataclasses.replace(first, attempt=2),
+    }.items():
         place_lock(tmp_path / name.replace(" ", "_"), owner, age=0.0)
         with pytest.raises(OutputFolderError, match="host lost-host"):
             RunLock.acquire(tmp_path / name.replace(" ", "_"))
@@ -576,7 +637,7 @@ def test_the_heartbeat_keeps_the_lock_fresh_until_it_is_lost(tmp_path, capsys):
     assert read_owner(path)[0].host == "elsewhere"  # another run's lock is never deleted
 
 
-def partial_owned_by(root: Path, step: int, owner: Optional[Owner]) -> Path:
+def partial_owned_by(root: Path, step: int, owner: Owner | None) -> Path:
     partial = root / f".step_{step:08d}.partial"
     partial.mkdir(parents=True)
     (partial / "backbone.pt").write_bytes(b"half")
@@ -599,12 +660,16 @@ def test_only_dead_owners_leftovers_are_cleaned_and_a_live_owners_save_is_left_a
         shutil.copytree(tmp_path / "step_00000001", tmp_path / ".step_00000001.old")  # a replacement finished
         tidied = clean_leftovers(tmp_path)
         assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "latest", "step_00000001", "step_00000002"]
-        assert tidied == [f"removed {tmp_path / '.step_00000001.old'}, left by an interrupted save",
-                          f"put back {tmp_path / 'step_00000002'}, whose replacement was interrupted",
-                          f"removed {dead}, left by an interrupted save",
-                          f"removed {ownerless}, left by an interrupted save"]
-        with pytest.raises(ckpt.CheckpointSaveError, match=f"being written by another save .host "
-                                                            f"{socket.gethostname()}, pid {process.pid}"):
+        assert tidied == [
+            f"removed {tmp_path / '.step_00000001.old'}, left by an interrupted save",
+            f"put back {tmp_path / 'step_00000002'}, whose replacement was interrupted",
+            f"removed {dead}, left by an interrupted save",
+            f"removed {ownerless}, left by an interrupted save",
+        ]
+        with pytest.raises(
+            ckpt.CheckpointSaveError,
+            match=f"being written by another save .host {socket.gethostname()}, pid {process.pid}",
+        ):
             save(tmp_path, setup, step=5)
         assert (live / "backbone.pt").read_bytes() == b"half"  # the live owner's save is untouched
     finally:

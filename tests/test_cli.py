@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,22 @@ def test_bench_head_prints_one_json_line_with_every_figure():
     job = launch(
         "mpirun",
         2,
-        ["-m", "partial_fc", "bench", "head", "--classes", "20000", "--dim", "64", "--batch", "32", "--sample-rate", "0.1", "--steps", "3"],
+        [
+            "-m",
+            "partial_fc",
+            "bench",
+            "head",
+            "--classes",
+            "20000",
+            "--dim",
+            "64",
+            "--batch",
+            "32",
+            "--sample-rate",
+            "0.1",
+            "--steps",
+            "3",
+        ],
     )
     assert job.returncode == 0, job.stdout + job.stderr
     line = next(line for line in job.stdout.splitlines() if '"bench": "head"' in line)
@@ -54,15 +70,37 @@ def test_bad_options_fail_with_one_clear_message(arguments, message):
     assert message in job.stderr and "Traceback" not in job.stderr
 
 
+def make_set(out: Path, identities: int, per_id: int) -> None:
+    """A generated face set of `identities` x `per_id` images in `out`, without verification pairs."""
+    job = run_cli(
+        "make-synthetic",
+        "--identities",
+        str(identities),
+        "--images-per-id",
+        str(per_id),
+        "--out",
+        str(out),
+        "--pairs",
+        "0",
+        "--workers",
+        "1",
+    )
+    assert job.returncode == 0
+
+
 def test_bench_data_prints_every_stage(tmp_path):
-    assert run_cli("make-synthetic", "--identities", "6", "--images-per-id", "5", "--out", str(tmp_path), "--pairs", "0", "--workers", "1").returncode == 0
-    job = run_cli("bench", "data", "--rec", str(tmp_path), "--images", "30", "--batch", "8", "--workers", "1", "--repeats", "1")
+    make_set(tmp_path, 6, 5)
+    job = run_cli(
+        "bench", "data", "--rec", str(tmp_path), "--images", "30", "--batch", "8", "--workers", "1", "--repeats", "1"
+    )
     assert job.returncode == 0, job.stderr
     result = json.loads(job.stdout.strip().splitlines()[-1])
     assert result["images"] == 30 and result["decoder"] in ("simplejpeg", "turbojpeg", "cv2")
     for stage in ("plain_read_imdecode", "read", "decode", "flip", "pipeline", "normalize_cpu", "loader_per_worker"):
         assert result[f"{stage}_img_s"] > 0, stage
-    assert result["pipeline_over_plain"] == pytest.approx(result["pipeline_img_s"] / result["plain_read_imdecode_img_s"], rel=1e-2)
+    assert result["pipeline_over_plain"] == pytest.approx(
+        result["pipeline_img_s"] / result["plain_read_imdecode_img_s"], rel=1e-2
+    )
 
 
 def test_bench_data_names_a_missing_set(tmp_path):
@@ -71,7 +109,7 @@ def test_bench_data_names_a_missing_set(tmp_path):
 
 
 def test_rebuild_idx_restores_a_lost_index(tmp_path):
-    assert run_cli("make-synthetic", "--identities", "3", "--images-per-id", "2", "--out", str(tmp_path), "--pairs", "0", "--workers", "1").returncode == 0
+    make_set(tmp_path, 3, 2)
     original = (tmp_path / "train.idx").read_bytes()
     (tmp_path / "train.idx").unlink()
     job = run_cli("rebuild-idx", str(tmp_path / "train.rec"))

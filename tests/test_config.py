@@ -26,7 +26,7 @@ HEAD = "from easydict import EasyDict as edict\nconfig = edict()\n"
 SHIPPED = sorted(path.stem for path in CONFIGS_DIR.glob("*.py"))
 
 # Every key of arcface_torch's configs/base.py and a job config, written as users write them.
-ARCFACE_TORCH_CONFIG = '''\
+ARCFACE_TORCH_CONFIG = """\
 from easydict import EasyDict as edict
 
 config = edict()
@@ -65,7 +65,7 @@ config.num_image = 42474557
 config.num_epoch = 40
 config.warmup_epoch = config.num_epoch // 10
 config.val_targets = []
-'''
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -389,6 +389,7 @@ def test_config_from_dict_rejects_unknown_and_bad_values():
 def test_on_save_error_is_stop_or_continue():
     assert load_config(None, environ={}).on_save_error == "stop"
     assert load_config(None, ["on_save_error=continue"], environ={}).on_save_error == "continue"
-    with pytest.raises(InputError, match="on_save_error = 'retry' .from --set on_save_error=retry. must be one of "
-                                         "stop, continue"):
+    with pytest.raises(
+        InputError, match="on_save_error = 'retry' .from --set on_save_error=retry. must be one of stop, continue"
+    ):
         load_config(None, ["on_save_error=retry"], environ={})

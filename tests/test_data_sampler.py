@@ -116,6 +116,7 @@ def test_batches_carry_global_positions_and_resume_aligned():
 
 def test_augmentation_draws_are_the_same_for_any_number_of_ranks():
     """A sample's draw follows its global position: one rank with batch 2B sees what two ranks with B see."""
+
     def draws(world_size: int, batch: int) -> dict[int, float]:
         found = {}
         for rank in range(world_size):

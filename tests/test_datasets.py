@@ -73,8 +73,11 @@ def test_headerless_set_by_paths(tmp_path):
 def test_label_outside_num_classes_fails_when_opened_naming_file_key_and_value(tmp_path):
     rec, idx = _headerless(tmp_path, [0, 1, 7, 2, 9])
     assert np.array_equal(RecordFaceDataset(rec=rec, idx=idx, num_classes=10).labels(), [0, 1, 7, 2, 9])
-    with pytest.raises(RecordIOError, match=rf"{rec}: record at key 2, offset \d+: label 7 is outside "
-                                            r"\[0, num_classes=5\) \(and 1 more; `partial-fc check-data`"):
+    with pytest.raises(
+        RecordIOError,
+        match=rf"{rec}: record at key 2, offset \d+: label 7 is outside "
+        r"\[0, num_classes=5\) \(and 1 more; `partial-fc check-data`",
+    ):
         RecordFaceDataset(rec=rec, idx=idx, num_classes=5, flip=False)
 
 
@@ -87,8 +90,14 @@ def test_property_num_classes_is_enforced(faceset, tmp_path):
         RecordFaceDataset(tmp_path, flip=False)
 
 
-@pytest.mark.parametrize("label,text", [(-1, "label -1 is not a class id"), (1.5, "label 1.5 is not a class id"),
-                                        (float("nan"), "label nan is not a class id")])
+@pytest.mark.parametrize(
+    "label,text",
+    [
+        (-1, "label -1 is not a class id"),
+        (1.5, "label 1.5 is not a class id"),
+        (float("nan"), "label nan is not a class id"),
+    ],
+)
 def test_label_that_is_no_class_id_fails_when_opened(tmp_path, label, text):
     rec, idx = _headerless(tmp_path, [0, label, 1], payloads=[_jpeg(0, key) for key in range(3)])
     with pytest.raises(RecordIOError, match=rf"{rec}: record at key 1, offset \d+: {text}"):
@@ -101,8 +110,11 @@ def test_zeroed_magic_fails_when_opened_naming_file_and_key(tmp_path):
     with open(rec, "r+b") as f:
         f.seek(offset)
         f.write(bytes(4))
-    with pytest.raises(RecordIOError, match=rf"{rec}: record at key 1, offset {offset}: .*bad magic number "
-                                            "0x00000000"):
+    with pytest.raises(
+        RecordIOError,
+        match=rf"{rec}: record at key 1, offset {offset}: .*bad magic number "
+        "0x00000000",
+    ):
         RecordFaceDataset(rec=rec, idx=idx, flip=False)
 
 
@@ -111,13 +123,17 @@ def test_header_scan_agrees_with_reading_every_record(tmp_path):
     from partial_fc.data.faceset import image_header
     from partial_fc.data.recordio import MAGIC
 
-    headers = [IRHeader(0, 3.0, 0, 0), IRHeader(2, [5.0, 9.0], 1, 0), image_header(1 << 25, 2),
-               IRHeader(0, 4.0, MAGIC, 0)]  # an id holding the magic number splits the record inside its header
+    headers = [
+        IRHeader(0, 3.0, 0, 0),
+        IRHeader(2, [5.0, 9.0], 1, 0),
+        image_header(1 << 25, 2),
+        IRHeader(0, 4.0, MAGIC, 0),
+    ]  # an id holding the magic number splits the record inside its header
     rec, idx = tmp_path / "mixed.rec", tmp_path / "mixed.idx"
     with IndexedRecordWriter(rec, idx) as writer:
         for key, header in enumerate(headers):
             writer.write(key, pack(header, _jpeg(0, key)))
-    assert (int.from_bytes(rec.read_bytes()[int(idx.read_text().split()[-1]) + 4:][:4], "little") >> 29) == 1
+    assert (int.from_bytes(rec.read_bytes()[int(idx.read_text().split()[-1]) + 4 :][:4], "little") >> 29) == 1
     ds = RecordFaceDataset(rec=rec, idx=idx, flip=False)
     assert ds.labels().tolist() == [3, 5, 1 << 25, 4] and ds.num_classes == (1 << 25) + 1
 
@@ -125,8 +141,9 @@ def test_header_scan_agrees_with_reading_every_record(tmp_path):
 def _corrupt_set(tmp_path, garbage_keys=(), truncate=False):
     """A header-less set of 8 JPEGs (labels 0..7) whose ``garbage_keys`` hold no image; ``truncate`` cuts the file
     inside key 6's payload, so key 7's offset lies past the end."""
-    payloads = [b"\xff\xd8 not a jpeg at all" if key in garbage_keys else _jpeg(key % IDENTITIES, key)
-                for key in range(8)]
+    payloads = [
+        b"\xff\xd8 not a jpeg at all" if key in garbage_keys else _jpeg(key % IDENTITIES, key) for key in range(8)
+    ]
     rec, idx = _headerless(tmp_path, list(range(8)), payloads)
     if truncate:
         offsets = [int(line.split("\t")[1]) for line in idx.read_text().splitlines()]
@@ -141,7 +158,8 @@ def test_bad_records_are_skipped_and_refilled_with_the_next_that_decodes(tmp_pat
     size = rec.stat().st_size
     assert [(record.key, record.reason) for record in ds.cut_off] == [
         (6, f"truncated file: the record runs past the end of the file ({size} bytes)"),
-        (7, f"offset is past the end of the file ({size} bytes)")]
+        (7, f"offset is past the end of the file ({size} bytes)"),
+    ]
     with pytest.raises(DecodeError, match=rf"{rec}, key 2: cannot decode image"):
         ds[2]  # one item on its own still raises
     samples = ds.__getitems__([2, 1, 6, 7])
@@ -149,7 +167,8 @@ def test_bad_records_are_skipped_and_refilled_with_the_next_that_decodes(tmp_pat
     assert torch.equal(samples.images[0], ds[4][0]) and torch.equal(samples.images[2], ds[0][0])
     offsets = [int(line.split("\t")[1]) for line in idx.read_text().splitlines()]
     assert [(record.file, record.key, record.offset) for record in samples.bad_records] == [
-        (str(rec), key, offsets[key]) for key in (2, 3, 6, 7)]
+        (str(rec), key, offsets[key]) for key in (2, 3, 6, 7)
+    ]
     reasons = [record.reason for record in samples.bad_records]
     assert reasons[0].startswith("cannot decode image (20 bytes") and reasons[1] == reasons[0]
     assert reasons[2].startswith("truncated file: payload cut short")
@@ -206,8 +225,9 @@ def test_pinned_batches_keep_their_bad_records(monkeypatch):
 def test_unreadable_image_file_is_skipped(tmp_path):
     for identity in range(2):
         for index in range(2):
-            _write_image(tmp_path / f"id{identity}" / f"{index}.jpg", render_identity_image(0, identity, index, SIZE),
-                         ".jpg")
+            _write_image(
+                tmp_path / f"id{identity}" / f"{index}.jpg", render_identity_image(0, identity, index, SIZE), ".jpg"
+            )
     (tmp_path / "id0" / "1.jpg").write_bytes(b"broken")
     ds = ImageFolderDataset(tmp_path, image_size=(SIZE, SIZE), flip=False)
     (tmp_path / "id1" / "0.jpg").unlink()  # gone after the folder was listed
@@ -215,7 +235,8 @@ def test_unreadable_image_file_is_skipped(tmp_path):
     assert samples.labels.tolist() == [1, 1]
     assert [(record.file, record.key, record.reason[:20]) for record in samples.bad_records] == [
         (str(tmp_path / "id0" / "1.jpg"), None, "cannot decode image "),
-        (str(tmp_path / "id1" / "0.jpg"), None, "cannot read: No such")]
+        (str(tmp_path / "id1" / "0.jpg"), None, "cannot read: No such"),
+    ]
 
 
 def _write_image(path, rgb, ext):

@@ -9,8 +9,15 @@ import torch
 
 from partial_fc.data import decode
 from partial_fc.data.binfile import decode_images
-from partial_fc.data.decode import (DECODER, DecodeError, decode_into, decode_rgb, flip_images, normalize_images,
-                                    normalize_lut)
+from partial_fc.data.decode import (
+    DECODER,
+    DecodeError,
+    decode_into,
+    decode_rgb,
+    flip_images,
+    normalize_images,
+    normalize_lut,
+)
 from partial_fc.data.synthetic import render_identity_image
 from partial_fc.errors import InputError
 

@@ -26,8 +26,13 @@ TOLERANCE = 1e-10  # float64; the runs differ only in the order of summation
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("reference")
-    job = subprocess.run([sys.executable, worker("whole_step.py"), "--out", str(out)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    job = subprocess.run(
+        [sys.executable, worker("whole_step.py"), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert job.returncode == 0, job.stdout + job.stderr
     return torch.load(out / "rank0.pt")
 
@@ -61,17 +66,27 @@ def check_against_reference(out_dir, ranks: int, backend: str, reference: dict) 
 
 HOROVOD_UNDER_MPIRUN = {"PARTIAL_FC_COMM": "horovod"}
 LAUNCHES = [
-    *[pytest.param("mpirun", ranks, "torch", {}, marks=pytest.mark.mpi, id=f"mpirun-torch-{ranks}")
-      for ranks in (1, 2, 3)],
+    *[
+        pytest.param("mpirun", ranks, "torch", {}, marks=pytest.mark.mpi, id=f"mpirun-torch-{ranks}")
+        for ranks in (1, 2, 3)
+    ],
     pytest.param("torchrun", 2, "torch", {}, id="torchrun-2"),
     pytest.param("torchrun", 3, "torch", {}, id="torchrun-3"),
     *[
-        pytest.param("mpirun", ranks, "horovod", HOROVOD_UNDER_MPIRUN, marks=[pytest.mark.mpi, pytest.mark.horovod],
-                     id=f"mpirun-horovod-{ranks}")
+        pytest.param(
+            "mpirun",
+            ranks,
+            "horovod",
+            HOROVOD_UNDER_MPIRUN,
+            marks=[pytest.mark.mpi, pytest.mark.horovod],
+            id=f"mpirun-horovod-{ranks}",
+        )
         for ranks in (2, 3)
     ],
-    *[pytest.param("horovodrun-gloo", ranks, "horovod", {}, marks=pytest.mark.horovod, id=f"horovodrun-{ranks}")
-      for ranks in (2, 3)],
+    *[
+        pytest.param("horovodrun-gloo", ranks, "horovod", {}, marks=pytest.mark.horovod, id=f"horovodrun-{ranks}")
+        for ranks in (2, 3)
+    ],
     pytest.param("horovodrun-mpi", 2, "horovod", {}, marks=pytest.mark.horovod, id="horovodrun-mpi-2"),
 ]
 

@@ -27,8 +27,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "partial_fc", *arguments], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "partial_fc", *arguments], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -196,8 +197,17 @@ def files(tmp_path_factory):
         else:
             path.write_bytes(encode_jpeg(rgb))
         images.append(path)
-    return {"root": root, "weights": root / "backbone.pth", "bin": root / "set" / "synthetic.bin",
-            "pairs": f"{root / 'pairs.txt'}:{root / 'faces'}", "images": images}
+    return {
+        "root": root,
+        "weights": root / "backbone.pth",
+        "bin": root / "set" / "synthetic.bin",
+        "pairs": f"{root / 'pairs.txt'}:{root / 'faces'}",
+        "images": images,
+    }
+
+
+def _weights_args(weights, network=NETWORK, dim=DIM):
+    return ["--weights", str(weights), "--network", network, "--embedding-size", str(dim)]
 
 
 def loaded_model(files) -> nn.Module:
@@ -208,8 +218,15 @@ def loaded_model(files) -> nn.Module:
 
 @pytest.mark.slow
 def test_eval_reports_the_verification_numbers_and_a_roc_png(files, tmp_path):
-    result = run_cli("eval", "--weights", str(files["weights"]), "--network", NETWORK, "--embedding-size", str(DIM),
-                     "--bin", str(files["bin"]), "--roc-dir", str(tmp_path / "roc"), "--json")
+    result = run_cli(
+        "eval",
+        *_weights_args(files["weights"]),
+        "--bin",
+        str(files["bin"]),
+        "--roc-dir",
+        str(tmp_path / "roc"),
+        "--json",
+    )
     (entry,) = [json.loads(line) for line in result.stdout.splitlines()]
     images, issame = load_bin(files["bin"])
     expected = evaluate_model(loaded_model(files), images, issame, fars=(1e-4, 1e-3))
@@ -227,9 +244,17 @@ def test_eval_reports_the_verification_numbers_and_a_roc_png(files, tmp_path):
 
 
 def test_eval_text_output_on_a_pair_list(files, tmp_path, capsys):
-    status, out, _ = call(capsys, "eval", "--weights", str(files["weights"]), "--network", NETWORK,
-                          "--embedding-size", str(DIM), "--pairs", files["pairs"], "--batch-size", "8",
-                          "--roc-dir", str(tmp_path))
+    status, out, _ = call(
+        capsys,
+        "eval",
+        *_weights_args(files["weights"]),
+        "--pairs",
+        files["pairs"],
+        "--batch-size",
+        "8",
+        "--roc-dir",
+        str(tmp_path),
+    )
     assert status == 0
     assert out.startswith(f"pairs ({files['root'] / 'pairs.txt'}): 10 pairs, 5 same, 5 different")
     assert "accuracy " in out and "±" in out and "(10 folds, with flip)" in out and "xnorm" in out
@@ -240,8 +265,7 @@ def test_eval_text_output_on_a_pair_list(files, tmp_path, capsys):
 @pytest.mark.slow
 def test_export_and_embed_agree_with_torch_and_onnxruntime(files, tmp_path, capsys):
     onnx_path = tmp_path / "model.onnx"
-    result = run_cli("export", "--weights", str(files["weights"]), "--network", NETWORK,
-                     "--embedding-size", str(DIM), "--output", str(onnx_path))
+    result = run_cli("export", *_weights_args(files["weights"]), "--output", str(onnx_path))
     assert "max abs difference" in result.stdout
     model = loaded_model(files)
     session = onnx_session(onnx_path)
@@ -256,8 +280,9 @@ def test_export_and_embed_agree_with_torch_and_onnxruntime(files, tmp_path, caps
         reference = model(reference_images(files["images"])).numpy()
     assert np.linalg.norm(reference, axis=1).min() > 1.0  # the 1e-4 comparisons below are not vacuous
     common = ["--batch-size", "2", "--output"]
-    status, _, torch_err = call(capsys, "embed", "--weights", str(files["weights"]), "--network", NETWORK,
-                                "--embedding-size", str(DIM), *paths, *common, str(tmp_path / "torch.npy"))
+    status, _, torch_err = call(
+        capsys, "embed", *_weights_args(files["weights"]), *paths, *common, str(tmp_path / "torch.npy")
+    )
     assert status == 0 and "face2.jpg: resized from 96x96 to 112x112" in torch_err
     status, _, onnx_err = call(capsys, "embed", "--onnx", str(onnx_path), *paths, *common, str(tmp_path / "onnx.npy"))
     assert status == 0 and "face2.jpg: resized" in onnx_err
@@ -270,8 +295,7 @@ def test_export_and_embed_agree_with_torch_and_onnxruntime(files, tmp_path, caps
 
 def test_embed_prints_one_line_per_image_and_normalizes(files, capsys):
     paths = [str(p) for p in files["images"]]
-    status, out, _ = call(capsys, "embed", "--weights", str(files["weights"]), "--network", NETWORK,
-                          "--embedding-size", str(DIM), "--normalize", *paths)
+    status, out, _ = call(capsys, "embed", *_weights_args(files["weights"]), "--normalize", *paths)
     lines = out.splitlines()
     assert status == 0 and len(lines) == 3
     for path, line in zip(paths, lines):
@@ -280,10 +304,6 @@ def test_embed_prints_one_line_per_image_and_normalizes(files, capsys):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, the file named
-
-
-def _weights_args(weights, network=NETWORK, dim=DIM):
-    return ["--weights", str(weights), "--network", network, "--embedding-size", str(dim)]
 
 
 def test_bad_weights_are_named(files, tmp_path, capsys):

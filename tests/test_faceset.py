@@ -63,7 +63,11 @@ def test_class_ids_past_float32_precision_survive(tmp_path):
 
 @pytest.mark.parametrize(
     "header, message",
-    [(IRHeader(0, -2.0, 1, 0), "label -2 is not a class id"), (IRHeader(0, 1.5, 1, 0), "label 1.5"), (IRHeader(1, np.zeros(0, np.float32), 1, 0), "empty label")],
+    [
+        (IRHeader(0, -2.0, 1, 0), "label -2 is not a class id"),
+        (IRHeader(0, 1.5, 1, 0), "label 1.5"),
+        (IRHeader(1, np.zeros(0, np.float32), 1, 0), "empty label"),
+    ],
 )
 def test_bad_labels_name_file_and_key(header, message):
     with pytest.raises(RecordIOError, match=message) as error:

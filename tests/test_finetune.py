@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from partial_fc.comm.single import SingleProcessCommunicator
 from partial_fc.backbones.weights import load_backbone_state
+from partial_fc.comm.single import SingleProcessCommunicator
 from partial_fc.engine.checkpoint import backbone_weights_file
 from partial_fc.engine.config import load_config
 from partial_fc.engine.schedule import PolyWarmupSchedule
@@ -17,7 +17,7 @@ from partial_fc.engine.trainer import Trainer
 from tests.cli_helpers import assert_one_error, call
 from tests.launchers import launch
 from tests.test_ijb import train_backbone
-from tests.test_train import call_quiet, checkpoint_tensors, faceset, settings, summary  # noqa: F401
+from tests.train_runs import call_quiet, checkpoint_tensors, settings, summary
 
 BACKBONE_PREFIX = "backbone."
 UNVERIFIED = dict(val_targets="")  # runs whose verification nobody reads skip it (most of a short run's time)
@@ -25,8 +25,11 @@ UNVERIFIED = dict(val_targets="")  # runs whose verification nobody reads skip i
 
 def backbone_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Every backbone parameter and buffer (BatchNorm statistics and their counters) a checkpoint holds."""
-    return {key[len(BACKBONE_PREFIX):]: value for key, value in checkpoint_tensors(checkpoint).items()
-            if key.startswith(BACKBONE_PREFIX)}
+    return {
+        key[len(BACKBONE_PREFIX) :]: value
+        for key, value in checkpoint_tensors(checkpoint).items()
+        if key.startswith(BACKBONE_PREFIX)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +52,21 @@ def test_lr_mults_scale_each_optimizer_on_the_shared_schedule():
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_frozen_steps_leave_every_backbone_tensor_and_its_optimizer_untouched(faceset, trained, tmp_path, ranks):
-    """3 frozen steps of 6 (global batch 48, checkpoints every 3): at step 3 the backbone (weights, BatchNorm statistics and
-    counters) is the loaded one and its optimizer holds no state; the centers did train; after 6 it has moved."""
-    argv = settings(faceset, tmp_path / "out", num_classes=50, num_epoch=1, checkpoint_every=3,
-                    init_weights=trained, freeze_backbone_steps=3, backbone_lr_mult=0.1, batch_size=48 // ranks,
-                    **UNVERIFIED)
+    """3 frozen steps of 6 (global batch 48, checkpoints every 3): at step 3 the backbone (weights, BatchNorm
+    statistics and counters) is the loaded one and its optimizer holds no state; the centers did train; after 6 it
+    has moved."""
+    argv = settings(
+        faceset,
+        tmp_path / "out",
+        num_classes=50,
+        num_epoch=1,
+        checkpoint_every=3,
+        init_weights=trained,
+        freeze_backbone_steps=3,
+        backbone_lr_mult=0.1,
+        batch_size=48 // ranks,
+        **UNVERIFIED,
+    )
     if ranks == 1:
         assert call_quiet("train", *argv) == 0
     else:
@@ -67,14 +80,23 @@ def test_frozen_steps_leave_every_backbone_tensor_and_its_optimizer_untouched(fa
     assert torch.load(steps / "step_00000003" / "backbone_optimizer.pt")["state"] == {}
     assert any(not torch.equal(moved[key], value) for key, value in start.items() if "running_mean" in key)
     assert any(not torch.equal(moved[key], value) for key, value in start.items() if key.endswith("weight"))
-    row_state = [value for key, value in checkpoint_tensors(steps / "step_00000003").items()
-                 if key.startswith("centers.")]
+    row_state = [
+        value for key, value in checkpoint_tensors(steps / "step_00000003").items() if key.startswith("centers.")
+    ]
     assert row_state and all(value.abs().sum() > 0 for value in row_state)  # the centers' optimizer did step
 
 
 def test_a_fine_tuning_run_reports_the_freeze_and_the_backbone_rate(faceset, trained, tmp_path, capsys):
-    overrides = settings(faceset, tmp_path / "out", num_classes=50, init_weights=trained, freeze_backbone_steps=2,
-                         backbone_lr_mult=0.25, batch_size=64, **UNVERIFIED)[1::2]
+    overrides = settings(
+        faceset,
+        tmp_path / "out",
+        num_classes=50,
+        init_weights=trained,
+        freeze_backbone_steps=2,
+        backbone_lr_mult=0.25,
+        batch_size=64,
+        **UNVERIFIED,
+    )[1::2]
     trainer = Trainer(load_config("synthetic", overrides, environ={}), SingleProcessCommunicator())
     try:
         assert trainer.backbone_frozen
@@ -94,16 +116,28 @@ def test_resume_pointed_at_weights_or_another_label_set_suggests_init_weights(fa
     torch.save(load_backbone_state(backbone_weights_file(trained)), weights)
     for target in (weights, weights.parent):
         status, _, err = call(capsys, "train", *settings(faceset, tmp_path / "a"), "--set", f"resume={target}")
-        assert_one_error(status, err, f"resume={target}", "no partial_fc checkpoint but backbone.pth" if target.is_dir() else
-                         "is a file, not a checkpoint folder", f"init_weights={weights}")
-    status, _, err = call(capsys, "train", *settings(faceset, tmp_path / "b", num_classes=50), "--set",
-                          f"resume={trained}")
+        assert_one_error(
+            status,
+            err,
+            f"resume={target}",
+            "no partial_fc checkpoint but backbone.pth" if target.is_dir() else "is a file, not a checkpoint folder",
+            f"init_weights={weights}",
+        )
+    status, _, err = call(
+        capsys, "train", *settings(faceset, tmp_path / "b", num_classes=50), "--set", f"resume={trained}"
+    )
     assert_one_error(status, err, "checkpoint has num_classes=40", "num_classes=50", "init_weights=")
-    status, _, err = call(capsys, "train", *settings(faceset, tmp_path / "c", num_classes=50), "--set",
-                          f"resume={tmp_path / 'nowhere'}")
+    status, _, err = call(
+        capsys, "train", *settings(faceset, tmp_path / "c", num_classes=50), "--set", f"resume={tmp_path / 'nowhere'}"
+    )
     assert_one_error(status, err, "nowhere", "holds no complete checkpoint")
-    status, out, err = call(capsys, "train", *settings(faceset, tmp_path / "d", num_epoch=2, batch_size=64, **UNVERIFIED), "--set",
-                            f"resume={trained}")
+    status, out, err = call(
+        capsys,
+        "train",
+        *settings(faceset, tmp_path / "d", num_epoch=2, batch_size=64, **UNVERIFIED),
+        "--set",
+        f"resume={trained}",
+    )
     assert status == 0, err
     assert "at step 5" in out and summary(out)["steps"] == 10  # a checkpoint folder elsewhere continues as usual
 

@@ -80,7 +80,14 @@ def test_a_threshold_that_filters_nothing_is_bit_identical_to_none(single, stora
     for threshold in (0.0, 0.999):
         torch.manual_seed(1)
         head = PartialFC(
-            ArcFace(), 16, 200, 0.5, fp16, comm=single, storage_dtype=storage_dtype, chunk_rows=7,
+            ArcFace(),
+            16,
+            200,
+            0.5,
+            fp16,
+            comm=single,
+            storage_dtype=storage_dtype,
+            chunk_rows=7,
             interclass_filtering_threshold=threshold,
         )
         optimizer = SparseSGD(head, lr=0.1)

@@ -60,7 +60,9 @@ def test_frozen_embeddings_still_train_the_centers(single):
     assert not torch.equal(before, head.weight)
 
 
-@pytest.mark.parametrize("storage_dtype, fp16", [(torch.bfloat16, False), (torch.float16, False), (torch.float32, True)])
+@pytest.mark.parametrize(
+    "storage_dtype, fp16", [(torch.bfloat16, False), (torch.float16, False), (torch.float32, True)]
+)
 def test_reduced_precision_stays_close_to_float32(single, storage_dtype, fp16):
     embeddings, labels = torch.randn(32, 64), torch.randint(0, 500, (32,))
     exact = PartialFC(ArcFace(), 64, 500, comm=single)

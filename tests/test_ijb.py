@@ -41,8 +41,11 @@ def reference_published_tar(scores, same, far):
         fps.append(sum(1 for s, y in zip(scores, same) if s >= threshold and not y))
         tps.append(sum(1 for s, y in zip(scores, same) if s >= threshold and y))
     if len(fps) > 2:
-        keep = [0] + [i for i in range(1, len(fps) - 1)
-                      if fps[i - 1] - 2 * fps[i] + fps[i + 1] != 0 or tps[i - 1] - 2 * tps[i] + tps[i + 1] != 0]
+        keep = [0] + [
+            i
+            for i in range(1, len(fps) - 1)
+            if fps[i - 1] - 2 * fps[i] + fps[i + 1] != 0 or tps[i - 1] - 2 * tps[i] + tps[i + 1] != 0
+        ]
         keep.append(len(fps) - 1)
         fps, tps = [fps[i] for i in keep], [tps[i] for i in keep]
     fpr = [f / fps[-1] for f in [0] + fps][::-1]
@@ -214,8 +217,22 @@ def ijb(tmp_path_factory):
 
 
 def eval_argv(root: Path, weights: str, output: Path) -> list[str]:
-    return ["-m", "partial_fc", "eval-ijb", str(root / "IJBC"), "--weights", str(root / weights), "--network", NETWORK,
-            "--embedding-size", str(DIM), "--batch-size", "16", "--output", str(output)]
+    return [
+        "-m",
+        "partial_fc",
+        "eval-ijb",
+        str(root / "IJBC"),
+        "--weights",
+        str(root / weights),
+        "--network",
+        NETWORK,
+        "--embedding-size",
+        str(DIM),
+        "--batch-size",
+        "16",
+        "--output",
+        str(output),
+    ]
 
 
 def scores_of(output: Path) -> dict:
@@ -259,8 +276,11 @@ def without_option_words(argv: list[str]) -> list[str]:
     command line, the program's included, and stops at `--network` (ambiguous: --network-interface,
     --network-interfaces) before it starts anything; inside the string no word of the program looks like an option."""
     assert argv[:2] == ["-m", "partial_fc"]
-    return ["-c", f"import runpy, sys; sys.argv = {['partial_fc', *argv[2:]]!r}; "
-                  "runpy.run_module('partial_fc', run_name='__main__', alter_sys=True)"]
+    return [
+        "-c",
+        f"import runpy, sys; sys.argv = {['partial_fc', *argv[2:]]!r}; "
+        "runpy.run_module('partial_fc', run_name='__main__', alter_sys=True)",
+    ]
 
 
 @pytest.mark.slow
@@ -274,18 +294,26 @@ def test_two_ranks_equal_one(one_rank, ijb, tmp_path, launcher):
     assert job.stdout.count("ROC point nearest the FAR (eval_ijbc.py)") == 1  # rank 0 of one 2-rank job reported
     assert (tmp_path / "two" / "roc.png").stat().st_size > 0
     assert scores_of(tmp_path / "two") == scores_of(one_rank["trained"])
-    np.testing.assert_array_equal(np.load(tmp_path / "two" / "features.npy"),
-                                  np.load(one_rank["trained"] / "features.npy"))
-    assert ((tmp_path / "two" / "features_images.txt").read_text()
-            == (one_rank["trained"] / "features_images.txt").read_text())
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "two" / "features.npy"), np.load(one_rank["trained"] / "features.npy")
+    )
+    assert (tmp_path / "two" / "features_images.txt").read_text() == (
+        one_rank["trained"] / "features_images.txt"
+    ).read_text()
 
 
 def test_saved_features_rescore_without_a_model(ijb, tmp_path):
     from partial_fc.cli.main import main
 
     assert main(eval_argv(ijb, "random.pth", tmp_path / "a")[2:]) == 0
-    again = ["eval-ijb", str(ijb / "IJBC"), "--features", str(tmp_path / "a" / "features.npy"), "--output",
-             str(tmp_path / "b")]
+    again = [
+        "eval-ijb",
+        str(ijb / "IJBC"),
+        "--features",
+        str(tmp_path / "a" / "features.npy"),
+        "--output",
+        str(tmp_path / "b"),
+    ]
     assert main(again) == 0
     assert scores_of(tmp_path / "b") == scores_of(tmp_path / "a")
     assert main([*again[:-1], str(tmp_path / "c"), "--no-faceness"]) == 0

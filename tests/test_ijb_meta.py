@@ -53,16 +53,35 @@ def test_without_the_1n_csvs_only_1to1_is_scored(tmp_path):
     assert load_protocol(root).probes is None
 
 
-@pytest.mark.parametrize("file_name, content, expected", [
-    ("ijbc_template_pair_label.txt", "1 2 1\n1 3 0\n2 3", "ijbc_template_pair_label.txt:3: expected 3 columns"),
-    ("ijbc_template_pair_label.txt", "1 2 1\n1 x 0\n", "ijbc_template_pair_label.txt:2: value 'x' is not a number"),
-    ("ijbc_template_pair_label.txt", "1 2 1\n1 7 0\n", "ijbc_template_pair_label.txt:2: template 7 has no images"),
-    ("ijbc_face_tid_mid.txt", "1.jpg 1 10\n2.jpg 1\n3.jpg 2 12\n4.jpg 3 13\n", "ijbc_face_tid_mid.txt:2: expected 3"),
-    ("ijbc_face_tid_mid.txt", "1.jpg 1 10\n2.jpg one 11\n3.jpg 2 12\n4.jpg 3 13\n", "ijbc_face_tid_mid.txt:2: id 'one'"),
-    ("ijbc_name_5pts_score.txt", "1.jpg 1 2 3\n", "ijbc_name_5pts_score.txt:1: expected 12 columns"),
-    ("ijbc_1N_gallery_G1.csv", "TEMPLATE_ID,FILENAME\n1,1.jpg\n", "ijbc_1N_gallery_G1.csv:1: missing column SUBJECT_ID"),
-    ("ijbc_1N_probe_mixed.csv", "TEMPLATE_ID,SUBJECT_ID\n9,100\n", "ijbc_1N_probe_mixed.csv: template 9 has no images"),
-])
+@pytest.mark.parametrize(
+    "file_name, content, expected",
+    [
+        ("ijbc_template_pair_label.txt", "1 2 1\n1 3 0\n2 3", "ijbc_template_pair_label.txt:3: expected 3 columns"),
+        ("ijbc_template_pair_label.txt", "1 2 1\n1 x 0\n", "ijbc_template_pair_label.txt:2: value 'x' is not a number"),
+        ("ijbc_template_pair_label.txt", "1 2 1\n1 7 0\n", "ijbc_template_pair_label.txt:2: template 7 has no images"),
+        (
+            "ijbc_face_tid_mid.txt",
+            "1.jpg 1 10\n2.jpg 1\n3.jpg 2 12\n4.jpg 3 13\n",
+            "ijbc_face_tid_mid.txt:2: expected 3",
+        ),
+        (
+            "ijbc_face_tid_mid.txt",
+            "1.jpg 1 10\n2.jpg one 11\n3.jpg 2 12\n4.jpg 3 13\n",
+            "ijbc_face_tid_mid.txt:2: id 'one'",
+        ),
+        ("ijbc_name_5pts_score.txt", "1.jpg 1 2 3\n", "ijbc_name_5pts_score.txt:1: expected 12 columns"),
+        (
+            "ijbc_1N_gallery_G1.csv",
+            "TEMPLATE_ID,FILENAME\n1,1.jpg\n",
+            "ijbc_1N_gallery_G1.csv:1: missing column SUBJECT_ID",
+        ),
+        (
+            "ijbc_1N_probe_mixed.csv",
+            "TEMPLATE_ID,SUBJECT_ID\n9,100\n",
+            "ijbc_1N_probe_mixed.csv: template 9 has no images",
+        ),
+    ],
+)
 def test_bad_meta_is_named_by_file_and_line(tmp_path, file_name, content, expected):
     root = write_release(tmp_path)
     (root / META / file_name).write_text(content)
@@ -88,15 +107,33 @@ def weights(tmp_path):
 def run_eval(root: Path, weights: Path, output: Path) -> int:
     from partial_fc.cli.main import main
 
-    return main(["eval-ijb", str(root), "--weights", str(weights), "--network", "plain_nano", "--embedding-size", "8",
-                 "--output", str(output)])
+    return main(
+        [
+            "eval-ijb",
+            str(root),
+            "--weights",
+            str(weights),
+            "--network",
+            "plain_nano",
+            "--embedding-size",
+            "8",
+            "--output",
+            str(output),
+        ]
+    )
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (lambda root: (root / "loose_crop" / "3.jpg").write_bytes(b"\xff\xd8 not a jpeg"), "3.jpg"),
-    (lambda root: (root / "loose_crop" / "4.jpg").unlink(), "4.jpg: no such image (line 4 of"),
-    (lambda root: (root / META / "ijbc_template_pair_label.txt").write_text("1 2 1\n1 3"), "label.txt:2: expected 3"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda root: (root / "loose_crop" / "3.jpg").write_bytes(b"\xff\xd8 not a jpeg"), "3.jpg"),
+        (lambda root: (root / "loose_crop" / "4.jpg").unlink(), "4.jpg: no such image (line 4 of"),
+        (
+            lambda root: (root / META / "ijbc_template_pair_label.txt").write_text("1 2 1\n1 3"),
+            "label.txt:2: expected 3",
+        ),
+    ],
+)
 def test_the_command_names_bad_inputs_and_exits_2(tmp_path, weights, capsys, damage, expected):
     root = write_release(tmp_path / "IJBC")
     assert run_eval(root, weights, tmp_path / "out") == 0

@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
-from partial_fc.data.im2rec import EncodeOptions, pack_list
-from tests.cli_helpers import assert_one_error, call
 from partial_fc.data.faceset import read_faceset_index, record_label
+from partial_fc.data.im2rec import EncodeOptions, pack_list
 from partial_fc.data.recordio import IndexedRecordReader, unpack
 from partial_fc.data.synthetic import render_identity_image
+from tests.cli_helpers import assert_one_error, call
 from tests.launchers import REPO
 
 
@@ -47,7 +47,9 @@ def payload_of(prefix: str, key: int) -> bytes:
 
 def cli(*arguments: str) -> subprocess.CompletedProcess:
     """The real command in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "partial_fc", *arguments], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "partial_fc", *arguments], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_list_is_mxnet_format_and_order(tmp_path, capsys):
@@ -57,9 +59,15 @@ def test_list_is_mxnet_format_and_order(tmp_path, capsys):
     (root / "bob" / "UPPER.JPG").write_bytes(encoded(9, 0))
     status, out, _ = call(capsys, "im2rec", "--list", "--no-shuffle", str(tmp_path / "sorted"), str(root))
     assert status == 0 and json.loads(out)["images"] == 7 and json.loads(out)["identities"] == 3
-    expected = ["0\t0.000000\tamy/00.jpg\n", "1\t0.000000\tamy/01.jpg\n", "2\t0.000000\tamy/02.jpg\n",
-                "3\t1.000000\tbob/00.jpg\n", "4\t1.000000\tbob/UPPER.JPG\n",
-                "5\t2.000000\tzed/00.jpg\n", "6\t2.000000\tzed/01.jpg\n"]
+    expected = [
+        "0\t0.000000\tamy/00.jpg\n",
+        "1\t0.000000\tamy/01.jpg\n",
+        "2\t0.000000\tamy/02.jpg\n",
+        "3\t1.000000\tbob/00.jpg\n",
+        "4\t1.000000\tbob/UPPER.JPG\n",
+        "5\t2.000000\tzed/00.jpg\n",
+        "6\t2.000000\tzed/01.jpg\n",
+    ]
     assert (tmp_path / "sorted.lst").read_text() == "".join(expected)
     # the default shuffle is MXNet's: random.seed(100) then random.shuffle of the listed lines
     assert call(capsys, "im2rec", "--list", str(tmp_path / "shuffled"), str(root))[0] == 0
@@ -115,7 +123,9 @@ def test_resize_center_crop_png_and_thread_count_do_not_change_the_records(tmp_p
     first = (tmp_path / "t.rec").read_bytes()
     pack_list(prefix, str(root), EncodeOptions(resize=24), num_thread=3, progress=False)
     assert (tmp_path / "t.rec").read_bytes() == first
-    status, out, _ = call(capsys, "im2rec", prefix, str(root), "--center-crop", "--resize", "16", "--encoding", ".png", "--quiet")
+    status, out, _ = call(
+        capsys, "im2rec", prefix, str(root), "--center-crop", "--resize", "16", "--encoding", ".png", "--quiet"
+    )
     assert status == 0 and json.loads(out)["image_size"] == [16, 16]
     payload = payload_of(prefix, 5)
     assert payload.startswith(b"\x89PNG") and cv2.imdecode(np.frombuffer(payload, np.uint8), 1).shape == (16, 16, 3)

@@ -19,8 +19,10 @@ def clean_set(tmp_path_factory):
 
 
 def offsets_of(root) -> dict[int, int]:
-    return {int(key): int(offset) for key, offset in (line.split("\t") for line in
-                                                       (root / "train.idx").read_text().splitlines())}
+    return {
+        int(key): int(offset)
+        for key, offset in (line.split("\t") for line in (root / "train.idx").read_text().splitlines())
+    }
 
 
 def overwrite(root, key: int, at: int, data: bytes) -> None:
@@ -38,8 +40,12 @@ def corrupt_copy(clean_set, tmp_path):
     overwrite(root, 6, 0, bytes(4))  # a zeroed magic number
     overwrite(root, 9, 8 + 4, struct.pack("<f", 99.0))  # the scalar label
     overwrite(root, 12, 8 + 4, struct.pack("<f", 1.5))
-    return root, {3: "cannot decode image", 6: "not at a record start: bad magic number 0x00000000",
-                  9: "label 99 is outside [0, num_classes=4)", 12: "label 1.5 is not a class id"}
+    return root, {
+        3: "cannot decode image",
+        6: "not at a record start: bad magic number 0x00000000",
+        9: "label 99 is outside [0, num_classes=4)",
+        12: "label 1.5 is not a class id",
+    }
 
 
 def test_clean_set_passes(clean_set, capsys):
@@ -73,8 +79,11 @@ def test_truncated_file_lists_the_cut_record_and_every_one_past_the_end(clean_se
     assert [record.key for record in report.bad] == [0, *range(10, 21)]  # the header first: it names the images
     assert report.bad[1].reason.startswith("truncated file: payload cut short")
     size = (root / "train.rec").stat().st_size
-    assert all(record.reason == f"offset is past the end of the file ({size} bytes)"
-               for record in report.bad if record.key != 10)
+    assert all(
+        record.reason == f"offset is past the end of the file ({size} bytes)"
+        for record in report.bad
+        if record.key != 10
+    )
 
 
 def test_image_folder_lists_the_broken_files(tmp_path, capsys):

@@ -14,7 +14,12 @@ def test_round_trip_in_mxnet_format(tmp_path):
 
 @pytest.mark.parametrize(
     "line, message",
-    [("1\t2.0\n", "expected 3 tab-separated fields"), ("x\t2.0\ta.jpg\n", "is not a number"), ("1\t-1.0\ta.jpg\n", "label -1.0"), ("1\t2.5\ta.jpg\n", "label 2.5")],
+    [
+        ("1\t2.0\n", "expected 3 tab-separated fields"),
+        ("x\t2.0\ta.jpg\n", "is not a number"),
+        ("1\t-1.0\ta.jpg\n", "label -1.0"),
+        ("1\t2.5\ta.jpg\n", "label 2.5"),
+    ],
 )
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.lst"

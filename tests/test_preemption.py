@@ -7,25 +7,16 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
 from partial_fc.engine.preemption import PREEMPTED_STATUS, StopSignals
 from tests.launchers import launch, rank_process, start, wait_for_step
-from tests.test_train import IDENTITIES, PER_ID, call_quiet, losses, train_argv
+from tests.train_runs import losses, train_argv
 
 EPOCHS = 6  # 60 steps at 2 ranks x batch 16: long enough to be interrupted mid-run
 LAUNCHER_REPORT = {"horovodrun-gloo": f"Exit code: {PREEMPTED_STATUS}", "torchrun": f"exitcode  : {PREEMPTED_STATUS}"}
-
-
-@pytest.fixture(scope="module")
-def faceset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faces")
-    assert call_quiet("make-synthetic", "--identities", str(IDENTITIES), "--images-per-id", str(PER_ID),
-                      "--out", str(out), "--pairs", "200", "--workers", "1") == 0
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +42,20 @@ def test_signals_only_set_a_flag_while_installed_and_a_second_one_is_ignored(sin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher, target, signal_number", [
-    ("mpirun", 1, signal.SIGTERM),
-    ("mpirun", "launcher", signal.SIGTERM),
-    ("horovodrun-gloo", 0, signal.SIGINT),
-    ("horovodrun-gloo", "launcher", signal.SIGTERM),
-    ("torchrun", 1, signal.SIGTERM),
-    ("torchrun", "launcher", signal.SIGTERM),
-])
+@pytest.mark.parametrize(
+    "launcher, target, signal_number",
+    [
+        ("mpirun", 1, signal.SIGTERM),
+        ("mpirun", "launcher", signal.SIGTERM),
+        ("horovodrun-gloo", 0, signal.SIGINT),
+        ("horovodrun-gloo", "launcher", signal.SIGTERM),
+        ("torchrun", 1, signal.SIGTERM),
+        ("torchrun", "launcher", signal.SIGTERM),
+    ],
+)
 def test_a_signal_stops_every_rank_with_a_checkpoint_then_resume_is_exact(
-        faceset, uninterrupted, tmp_path, launcher, target, signal_number):
+    faceset, uninterrupted, tmp_path, launcher, target, signal_number
+):
     """The signal goes to one rank (`target`), or to the launcher, which forwards it to every rank."""
     output = tmp_path / "run"
     job = start(launcher, 2, train_argv(faceset, output, num_epoch=EPOCHS))

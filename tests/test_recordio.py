@@ -44,7 +44,7 @@ def payloads(name):
 
 def reference_encode(payload: bytes) -> bytes:
     """A second, deliberately naive encoder written from the format description (cross-checks the real one)."""
-    cuts = [i for i in range(0, len(payload) - 3, 4) if payload[i:i + 4] == MAGIC_BYTES]
+    cuts = [i for i in range(0, len(payload) - 3, 4) if payload[i : i + 4] == MAGIC_BYTES]
     pieces, start = [], 0
     for i in cuts:
         pieces.append(payload[start:i])
@@ -77,7 +77,7 @@ def random_payload(rng: random.Random) -> bytes:
         for r in range(run):
             p = pos + 4 * r
             if p + 4 <= n:
-                data[p:p + 4] = MAGIC_BYTES
+                data[p : p + 4] = MAGIC_BYTES
     return bytes(data)
 
 
@@ -186,10 +186,17 @@ def test_writer_accepts_bytes_like(tmp_path):
 def label_value(kind, value):
     """Mirror of make_fixtures.label_value: rebuild the label object MXNet was given."""
     return {
-        "int": int, "float": float, "bool": bool, "np_float32": np.float32, "np_int64": np.int64,
-        "list": list, "tuple": tuple,
-        "ndarray_f32": lambda v: np.asarray(v, np.float32), "ndarray_f64": lambda v: np.asarray(v, np.float64),
-        "ndarray_i64": lambda v: np.asarray(v, np.int64), "ndarray_0d": lambda v: np.array(v, np.float64),
+        "int": int,
+        "float": float,
+        "bool": bool,
+        "np_float32": np.float32,
+        "np_int64": np.int64,
+        "list": list,
+        "tuple": tuple,
+        "ndarray_f32": lambda v: np.asarray(v, np.float32),
+        "ndarray_f64": lambda v: np.asarray(v, np.float64),
+        "ndarray_i64": lambda v: np.asarray(v, np.int64),
+        "ndarray_0d": lambda v: np.array(v, np.float64),
     }[kind](value)
 
 
@@ -222,9 +229,21 @@ def test_pack_refuses_ids_float32_cannot_hold(case):
         pack(header, bytes.fromhex(case["payload"]))
 
 
-@pytest.mark.parametrize("label", [2 ** 24 + 1, np.int64(2 ** 31 - 1), np.uint64(2 ** 63 + 1), float(2 ** 25 + 1),
-                                   [0, 2 ** 40 + 1], np.array([5, 2 ** 30 + 3]), 10 ** 40, 1e39,
-                                   [1, 2 ** 70 + 1], [[3], [2 ** 25 + 1]]])
+@pytest.mark.parametrize(
+    "label",
+    [
+        2**24 + 1,
+        np.int64(2**31 - 1),
+        np.uint64(2**63 + 1),
+        float(2**25 + 1),
+        [0, 2**40 + 1],
+        np.array([5, 2**30 + 3]),
+        10**40,
+        1e39,
+        [1, 2**70 + 1],
+        [[3], [2**25 + 1]],
+    ],
+)
 def test_pack_names_the_inexact_label(label):
     with pytest.raises(RecordIOError) as err:
         pack(IRHeader(0, label, 0, 0), b"")
@@ -241,13 +260,13 @@ def test_pack_rejects_non_numeric_labels(label):
 
 
 def test_pack_keeps_exact_labels_and_rounds_fractions_like_mxnet():
-    assert unpack(pack(IRHeader(0, 2 ** 24, 0, 0), b""))[0].label == 2 ** 24
-    assert unpack(pack(IRHeader(0, 2 ** 30, 0, 0), b""))[0].label == 2 ** 30  # exactly representable
+    assert unpack(pack(IRHeader(0, 2**24, 0, 0), b""))[0].label == 2**24
+    assert unpack(pack(IRHeader(0, 2**30, 0, 0), b""))[0].label == 2**30  # exactly representable
     assert unpack(pack(IRHeader(0, 0.1, 0, 0), b""))[0].label == float(np.float32(0.1))
     assert np.isnan(unpack(pack(IRHeader(0, float("nan"), 0, 0), b""))[0].label)
 
 
-@pytest.mark.parametrize("field,value", [("id", -1), ("id2", 2 ** 64), ("id", 1.5)])
+@pytest.mark.parametrize("field,value", [("id", -1), ("id2", 2**64), ("id", 1.5)])
 def test_pack_rejects_bad_ids(field, value):
     header = IRHeader(0, 1, 0, 0)._replace(**{field: value})
     with pytest.raises(RecordIOError, match=f"{field}.*{value}"):
@@ -274,7 +293,7 @@ def test_images_fixture_unpacks_like_mxnet():
 
 def test_read_header_reads_only_the_header(tmp_path):
     rec, idx = tmp_path / "h.rec", tmp_path / "h.idx"
-    headers = [IRHeader(0, 3.0, 1, 0), IRHeader(0, 2.0 ** 20, 2, 0), IRHeader(9, np.arange(9, dtype=np.float32), 3, 4)]
+    headers = [IRHeader(0, 3.0, 1, 0), IRHeader(0, 2.0**20, 2, 0), IRHeader(9, np.arange(9, dtype=np.float32), 3, 4)]
     with IndexedRecordWriter(rec, idx) as w:
         for key, header in enumerate(headers):
             w.write(key, pack(header, b"\xff\xd8" + bytes(5000)))
@@ -286,7 +305,7 @@ def test_read_header_reads_only_the_header(tmp_path):
         assert header[0] == expected[0] and header[2:] == expected[2:]
         np.testing.assert_array_equal(header.label, expected.label)
         assert reader.read_prefix(offset, 10) == reader.read(key)[:10]
-    assert reader.read_prefix(reader.offset_of(0), 10 ** 6) == reader.read(0)  # never past the record
+    assert reader.read_prefix(reader.offset_of(0), 10**6) == reader.read(0)  # never past the record
 
 
 def test_unpack_short_records():
@@ -312,7 +331,7 @@ def test_random_round_trip(tmp_path):
     rng = random.Random(7)
     data = [random_payload(rng) for _ in range(400)]
     data += [MAGIC_BYTES * 50, MAGIC_BYTES * 50 + b"x", b"\0" * 100_000, bytes(rng.getrandbits(8) for _ in range(5000))]
-    keys = rng.sample(range(-1000, 10 ** 9), len(data))
+    keys = rng.sample(range(-1000, 10**9), len(data))
     rec, idx = tmp_path / "r.rec", tmp_path / "r.idx"
     offsets = []
     with IndexedRecordWriter(rec, idx) as w:
@@ -491,7 +510,7 @@ def lrec(cflag, length):
 def test_truncated_header(tmp_path):
     rec, _ = copy_fixture(tmp_path, "plain")
     last = FILES["plain"]["records"][-1]["offset"]
-    rec.write_bytes(rec.read_bytes()[:last + 5])
+    rec.write_bytes(rec.read_bytes()[: last + 5])
     with pytest.raises(RecordIOError) as e:
         list(RecordReader(rec))
     assert_error(e, rec, f"offset {last}", "truncated", "header cut short (5 of 8 bytes)")
@@ -517,7 +536,7 @@ def test_truncated_payload_and_padding(tmp_path):
 def test_truncated_inside_split_record(tmp_path):
     rec, idx = copy_fixture(tmp_path, "magic")
     r = next(r for r in FILES["magic"]["records"] if r["name"] == "magic_at_0")
-    rec.write_bytes(rec.read_bytes()[:r["offset"] + 8])  # only the (empty) first part survives
+    rec.write_bytes(rec.read_bytes()[: r["offset"] + 8])  # only the (empty) first part survives
     with pytest.raises(RecordIOError) as e:
         IndexedRecordReader(rec, idx)  # later .idx offsets now lie past the end
     assert_error(e, idx, "line 5", "past the end")
@@ -584,16 +603,19 @@ def test_idx_offset_inside_a_payload(tmp_path):
     assert_error(e, rec, "key 9", "not at a record start", "bad magic")
 
 
-@pytest.mark.parametrize("bad,what", [
-    ("5\t100000\n", ["key 5", "past the end of the .rec file"]),
-    ("5\t-4\n", ["key 5", "negative"]),
-    ("5\t18\n", ["key 5", "not at a record start"]),
-    ("5 40\n", ["expected 'key<TAB>offset'"]),
-    ("5\t40\textra\n", ["expected 'key<TAB>offset'"]),
-    ("five\t40\n", ["must be integers"]),
-    ("5\t4.0\n", ["must be integers"]),
-    ("1\t16\n", ["duplicate key 1 (lines 2, 3)"]),
-])
+@pytest.mark.parametrize(
+    "bad,what",
+    [
+        ("5\t100000\n", ["key 5", "past the end of the .rec file"]),
+        ("5\t-4\n", ["key 5", "negative"]),
+        ("5\t18\n", ["key 5", "not at a record start"]),
+        ("5 40\n", ["expected 'key<TAB>offset'"]),
+        ("5\t40\textra\n", ["expected 'key<TAB>offset'"]),
+        ("five\t40\n", ["must be integers"]),
+        ("5\t4.0\n", ["must be integers"]),
+        ("1\t16\n", ["duplicate key 1 (lines 2, 3)"]),
+    ],
+)
 def test_idx_bad_lines_name_the_line(tmp_path, bad, what):
     rec, idx = copy_fixture(tmp_path, "magic")
     lines = idx.read_text().splitlines(keepends=True)
@@ -617,8 +639,23 @@ def test_fast_and_line_index_parsers_agree(name):
         np.testing.assert_array_equal(fast[1], slow[1])
 
 
-@pytest.mark.parametrize("text", ["1\t4\n\n", "1\t4", "1\t\t4\n", "1\t4\t\n2\n", " 1\t4\n", "1\t4\r\n", "1\t5\n",
-                                  "1\t100000\n", "1234567890123456789\t4\n", "+1\t4\n", "\t4\n", "1\t\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1\t4\n\n",
+        "1\t4",
+        "1\t\t4\n",
+        "1\t4\t\n2\n",
+        " 1\t4\n",
+        "1\t4\r\n",
+        "1\t5\n",
+        "1\t100000\n",
+        "1234567890123456789\t4\n",
+        "+1\t4\n",
+        "\t4\n",
+        "1\t\n",
+    ],
+)
 def test_fast_index_parser_defers_anything_unusual(text):
     assert recordio._parse_index_fast(text.encode(), 1000) is None
 
@@ -630,8 +667,16 @@ def test_idx_blank_lines_are_ignored(tmp_path):
     assert [reader.read(k) for k in reader.keys] == payloads("keyed")
 
 
-@pytest.mark.parametrize("offset,what", [(10 ** 6, "past the end"), (-8, "negative"), (6, "not at a record start"),
-                                         (60, "bad magic"), ("0", "must be an integer")])
+@pytest.mark.parametrize(
+    "offset,what",
+    [
+        (10**6, "past the end"),
+        (-8, "negative"),
+        (6, "not at a record start"),
+        (60, "bad magic"),
+        ("0", "must be an integer"),
+    ],
+)
 def test_read_at_bad_offsets(offset, what):
     path = FIXTURES / "plain.rec"
     with pytest.raises(RecordIOError) as e:

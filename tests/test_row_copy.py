@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from partial_fc.comm import SingleProcessCommunicator
-from partial_fc.heads import ArcFace, PartialFC, SparseAdamW, SparseSGD
-from partial_fc.heads import row_copy
+from partial_fc.heads import ArcFace, PartialFC, SparseAdamW, SparseSGD, row_copy
 from partial_fc.heads.row_copy import native_rows_available, put_rows, take_rows
 from tests.launchers import REPO
 
@@ -34,8 +33,18 @@ def _table(dtype: torch.dtype, rows: int, width: int, seed: int) -> torch.Tensor
     return torch.randint(-128, 128, (rows, width), generator=generator).to(dtype)
 
 
-@pytest.mark.parametrize("dtype, width", [(torch.float32, 512), (torch.float64, 7), (torch.bfloat16, 64),
-                                          (torch.float16, 3), (torch.int8, 16), (torch.int8, 12), (torch.int64, 5)])
+@pytest.mark.parametrize(
+    "dtype, width",
+    [
+        (torch.float32, 512),
+        (torch.float64, 7),
+        (torch.bfloat16, 64),
+        (torch.float16, 3),
+        (torch.int8, 16),
+        (torch.int8, 12),
+        (torch.int64, 5),
+    ],
+)
 def test_native_copies_equal_torchs(one_thread, dtype, width):
     table = _table(dtype, 1000, width, seed=1)
     index = torch.randperm(1000, generator=torch.Generator().manual_seed(2))[:300]  # unsorted, with gaps
@@ -84,11 +93,18 @@ def test_torchs_ops_run_where_the_routines_do_not_apply(one_thread):
 
 
 def _availability(env: dict) -> str:
-    code = ("from partial_fc.heads.row_copy import native_rows_available, take_rows; import torch; "
-            "torch.set_num_threads(1); t = torch.arange(12.).reshape(6, 2); "
-            "print(native_rows_available(), take_rows(t, torch.tensor([5, 0]), torch.empty(2, 2)).tolist())")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO), **env},
-                          capture_output=True, text=True, timeout=120)
+    code = (
+        "from partial_fc.heads.row_copy import native_rows_available, take_rows; import torch; "
+        "torch.set_num_threads(1); t = torch.arange(12.).reshape(6, 2); "
+        "print(native_rows_available(), take_rows(t, torch.tensor([5, 0]), torch.empty(2, 2)).tolist())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -96,7 +112,10 @@ def _availability(env: dict) -> str:
 def test_disabled_or_without_a_compiler_the_results_are_the_same(tmp_path):
     expected = "[[10.0, 11.0], [0.0, 1.0]]"
     assert _availability({"PARTIAL_FC_NATIVE_ROWS": "0"}) == f"False {expected}"
-    assert _availability({"CC": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path)}) == f"False {expected}"
+    assert (
+        _availability({"CC": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path)})
+        == f"False {expected}"
+    )
     assert _availability({"XDG_CACHE_HOME": str(tmp_path)}) == f"True {expected}"
 
 
@@ -125,10 +144,13 @@ def _train(optimizer_kind: str, storage_dtype: torch.dtype) -> list[torch.Tensor
     return [head.weight.clone(), *(state.clone() for state in optimizer.state[head.weight].values())]
 
 
-@pytest.mark.parametrize("optimizer_kind, storage_dtype", [("sgd", torch.float32), ("sgd-int8", torch.bfloat16),
-                                                           ("adamw", torch.float32), ("sgd", torch.float64)])
-def test_optimizer_steps_are_bit_identical_with_and_without_the_routines(one_thread, monkeypatch, optimizer_kind,
-                                                                         storage_dtype):
+@pytest.mark.parametrize(
+    "optimizer_kind, storage_dtype",
+    [("sgd", torch.float32), ("sgd-int8", torch.bfloat16), ("adamw", torch.float32), ("sgd", torch.float64)],
+)
+def test_optimizer_steps_are_bit_identical_with_and_without_the_routines(
+    one_thread, monkeypatch, optimizer_kind, storage_dtype
+):
     native = _train(optimizer_kind, storage_dtype)
     monkeypatch.setattr(row_copy, "_library", lambda: None)
     reference = _train(optimizer_kind, storage_dtype)

@@ -32,14 +32,20 @@ print("trained on")
 def test_metrics_and_tensorboard_on_a_full_or_read_only_disk_warn_once_each(tmp_path):
     for case, cause in (("full", "No space left on device (ENOSPC)"), ("read_only", "Read-only file system (EROFS)")):
         disk = tmp_path / case
-        done = subprocess.run([*mounts.full_disk(disk, 256, tmp_path / f"{case}_kept"), sys.executable, "-c",
-                               RECORDS, str(disk), case], capture_output=True, text=True, timeout=120, cwd=REPO)
+        done = subprocess.run(
+            [*mounts.full_disk(disk, 256, tmp_path / f"{case}_kept"), sys.executable, "-c", RECORDS, str(disk), case],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
         assert done.returncode == 0 and done.stdout == "trained on\n" and "Traceback" not in done.stderr, done.stderr
         assert sorted(done.stderr.splitlines()) == [
             f"partial-fc: warning: cannot write {disk / 'metrics.jsonl'}: {cause}; no more metrics are written in "
             "this run (training goes on)",
             f"partial-fc: warning: cannot write {disk / 'tensorboard'}: {cause}; no more TensorBoard events are "
-            "written in this run (training goes on)"], done.stderr
+            "written in this run (training goes on)",
+        ], done.stderr
 
 
 def test_a_log_on_a_full_disk_warns_once(monkeypatch, capfd):

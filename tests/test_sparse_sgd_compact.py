@@ -72,14 +72,27 @@ def test_rows_too_small_to_scale_are_stored_as_zero():
     assert torch.allclose(decoded[1:], torch.tensor([[0.0, -3.5], [2.0, 2.0]]), rtol=1e-6, atol=0)
 
 
-def trained_head(momentum_dtype: str, steps: int, storage_dtype=torch.float32, update_in_backward: bool = True,
-                 classes: int = 400, dim: int = 32):
+def trained_head(
+    momentum_dtype: str,
+    steps: int,
+    storage_dtype=torch.float32,
+    update_in_backward: bool = True,
+    classes: int = 400,
+    dim: int = 32,
+):
     """A head trained `steps` steps on fixed random data (the same for every momentum_dtype), its start, losses."""
-    head = PartialFC(ArcFace(s=16.0), dim, classes, sample_rate=0.5, comm=COMM, seed=1, chunk_rows=64,
-                     storage_dtype=storage_dtype)
+    head = PartialFC(
+        ArcFace(s=16.0), dim, classes, sample_rate=0.5, comm=COMM, seed=1, chunk_rows=64, storage_dtype=storage_dtype
+    )
     start = head.weight.clone()
-    optimizer = SparseSGD(head, lr=0.5, momentum=0.9, weight_decay=5e-4, update_in_backward=update_in_backward,
-                          momentum_dtype=momentum_dtype)
+    optimizer = SparseSGD(
+        head,
+        lr=0.5,
+        momentum=0.9,
+        weight_decay=5e-4,
+        update_in_backward=update_in_backward,
+        momentum_dtype=momentum_dtype,
+    )
     generator = torch.Generator().manual_seed(2)
     prototypes = torch.randn(classes, dim, generator=generator)
     losses = []
@@ -124,7 +137,9 @@ def test_int8_momentum_is_the_same_updated_in_backward_or_in_step_and_with_bfloa
     bf16, bf16_optimizer, start, _ = trained_head("int8", 6, storage_dtype=torch.bfloat16)
     reference, *_ = trained_head("storage", 6, storage_dtype=torch.bfloat16)
     assert bf16.weight.dtype == torch.bfloat16 and bf16_optimizer.state[bf16.weight]["momentum_code"].any()
-    assert (bf16.weight.float() - reference.weight.float()).norm() < 0.03 * (reference.weight.float() - start.float()).norm()
+    assert (bf16.weight.float() - reference.weight.float()).norm() < 0.03 * (
+        reference.weight.float() - start.float()
+    ).norm()
 
 
 def test_storage_momentum_is_unchanged_and_no_momentum_keeps_no_state():
@@ -147,8 +162,9 @@ def test_config_selects_the_centers_momentum_and_refuses_it_with_adamw():
         assert body.param_groups[0]["momentum"] == 0.9
         assert centers.param_groups[0]["momentum"] == (0.0 if kind == "none" else 0.9)
     assert load_config(None, environ={}).momentum_dtype == "storage"
-    with pytest.raises(InputError, match="momentum_dtype = 'int8' .from --set momentum_dtype=int8. applies to "
-                                         "optimizer = 'sgd' only"):
+    with pytest.raises(
+        InputError, match="momentum_dtype = 'int8' .from --set momentum_dtype=int8. applies to optimizer = 'sgd' only"
+    ):
         load_config(None, ["optimizer=adamw", "momentum_dtype=int8"], environ={})
 
 
@@ -156,9 +172,33 @@ def test_config_selects_the_centers_momentum_and_refuses_it_with_adamw():
 def test_bench_head_runs_the_compact_and_the_plain_momentum(kind, state_gib):
     from partial_fc.perf.memory import estimate_head_memory
 
-    job = subprocess.run([sys.executable, "-m", "partial_fc", "bench", "head", "--backend", "single", "--classes",
-                          "2000", "--dim", "16", "--batch", "8", "--steps", "1", "--reference-repeats", "1",
-                          "--momentum-dtype", kind], cwd=REPO, capture_output=True, text=True, timeout=120)
+    job = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "partial_fc",
+            "bench",
+            "head",
+            "--backend",
+            "single",
+            "--classes",
+            "2000",
+            "--dim",
+            "16",
+            "--batch",
+            "8",
+            "--steps",
+            "1",
+            "--reference-repeats",
+            "1",
+            "--momentum-dtype",
+            kind,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert job.returncode == 0, job.stderr
     result = json.loads(job.stdout.strip().splitlines()[-1])
     assert result["momentum_dtype"] == kind and result["step_s"] > 0
@@ -167,9 +207,24 @@ def test_bench_head_runs_the_compact_and_the_plain_momentum(kind, state_gib):
 
 
 def small_trainer(output: Path, *overrides: str) -> Trainer:
-    cfg = load_config("synthetic", ["rec=synthetic", f"output={output}", "num_classes=30", "num_image=64",
-                                    "batch_size=16", "embedding_size=16", "val_targets=[]", "num_workers=0",
-                                    "network=plain_nano", "num_epoch=1", "warmup_epoch=0", *overrides], environ={})
+    cfg = load_config(
+        "synthetic",
+        [
+            "rec=synthetic",
+            f"output={output}",
+            "num_classes=30",
+            "num_image=64",
+            "batch_size=16",
+            "embedding_size=16",
+            "val_targets=[]",
+            "num_workers=0",
+            "network=plain_nano",
+            "num_epoch=1",
+            "warmup_epoch=0",
+            *overrides,
+        ],
+        environ={},
+    )
     return Trainer(cfg, COMM)
 
 
@@ -195,9 +250,16 @@ def test_a_resume_config_initialises_the_centers_only_when_it_loads_none(tmp_pat
 def shard_with_int8_sgd(start: int, end: int, momentum_dtype: str = "int8", momentum: float = 0.9):
     """The class range [start, end) of the checkpoint job's head, with a SparseSGD whose state is still zero."""
     weight = torch.zeros(end - start, DIM)
-    head = SimpleNamespace(weight=weight, workspace=torch.empty(8, DIM), row_updater=None, class_start=start,
-                           num_local=end - start, num_classes=CLASSES, embedding_size=DIM,
-                           generator=torch.Generator())
+    head = SimpleNamespace(
+        weight=weight,
+        workspace=torch.empty(8, DIM),
+        row_updater=None,
+        class_start=start,
+        num_local=end - start,
+        num_classes=CLASSES,
+        embedding_size=DIM,
+        generator=torch.Generator(),
+    )
     return head, SparseSGD(head, lr=0.2, momentum=momentum, momentum_dtype=momentum_dtype)
 
 
@@ -207,6 +269,13 @@ def saved_int8_checkpoint(root: Path, steps: int = 3):
         train_step(setup)
     path = save_checkpoint(root, setup.parts(), comm=COMM, step=steps, epoch=setup.sampler.epoch)
     return setup, path
+
+
+def with_head(setup, head: PartialFC, optimizer: SparseSGD) -> TrainingParts:
+    """`setup`'s backbone and its optimizer with another head, without a scheduler or sampler."""
+    return TrainingParts(
+        backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer, head=head, head_optimizer=optimizer
+    )
 
 
 def test_int8_state_reshards_bit_exactly_and_continues_exactly(tmp_path):
@@ -219,8 +288,11 @@ def test_int8_state_reshards_bit_exactly_and_continues_exactly(tmp_path):
     continued = [train_step(setup) for _ in range(2)]  # before any load re-seeds the generators
     for start, end in ((0, 17), (17, 34), (34, 50), (10, 45)):
         head, optimizer = shard_with_int8_sgd(start, end)
-        load_checkpoint(path, TrainingParts(backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer,
-                                            head=head, head_optimizer=optimizer), comm=FirstOfMany(3))
+        load_checkpoint(
+            path,
+            with_head(setup, head, optimizer),
+            comm=FirstOfMany(3),
+        )
         loaded = optimizer.state[head.weight]
         assert torch.equal(head.weight, saved_centers[start:end])
         for key in ("momentum_code", "momentum_absmax"):
@@ -230,8 +302,9 @@ def test_int8_state_reshards_bit_exactly_and_continues_exactly(tmp_path):
     assert [train_step(resumed) for _ in range(2)] == continued
     assert torch.equal(setup.head.weight, resumed.head.weight)
     for key in ("momentum_code", "momentum_absmax"):
-        assert torch.equal(setup.head_optimizer.state[setup.head.weight][key],
-                           resumed.head_optimizer.state[resumed.head.weight][key])
+        assert torch.equal(
+            setup.head_optimizer.state[setup.head.weight][key], resumed.head_optimizer.state[resumed.head.weight][key]
+        )
 
 
 def rewrite_centers(path: Path, change) -> None:
@@ -241,43 +314,64 @@ def rewrite_centers(path: Path, change) -> None:
     data = torch.load(path / name, weights_only=True)
     change(data)
     torch.save(data, path / name)
-    manifest["files"][name] = {"size": (path / name).stat().st_size,
-                               "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest()}
+    manifest["files"][name] = {
+        "size": (path / name).stat().st_size,
+        "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest(),
+    }
     manifest["row_state"] = sorted(data["row_state"])
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("storage into int8", r"saved as \['momentum_buffer'\], this one keeps \['momentum_absmax', 'momentum_code'\]: "
-                          "resume with the optimizer, momentum and momentum_dtype it was saved with"),
-    ("int8 into storage", r"saved as \['momentum_absmax', 'momentum_code'\], this one keeps \['momentum_buffer'\]"),
-    ("int8 into none", r"saved as \['momentum_absmax', 'momentum_code'\], this one keeps nothing"),
-    ("float codes", "per-row optimizer state 'momentum_code' is float32, the head optimizer keeps it as int8"),
-    ("narrow codes", r"per-row optimizer state 'momentum_code' has rows of shape \(4,\), the head optimizer's has "
-                     r"\(8,\)"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "storage into int8",
+            r"saved as \['momentum_buffer'\], this one keeps \['momentum_absmax', 'momentum_code'\]: "
+            "resume with the optimizer, momentum and momentum_dtype it was saved with",
+        ),
+        ("int8 into storage", r"saved as \['momentum_absmax', 'momentum_code'\], this one keeps \['momentum_buffer'\]"),
+        ("int8 into none", r"saved as \['momentum_absmax', 'momentum_code'\], this one keeps nothing"),
+        ("float codes", "per-row optimizer state 'momentum_code' is float32, the head optimizer keeps it as int8"),
+        (
+            "narrow codes",
+            r"per-row optimizer state 'momentum_code' has rows of shape \(4,\), the head optimizer's has "
+            r"\(8,\)",
+        ),
+    ],
+)
 def test_a_checkpoint_whose_momentum_does_not_fit_is_a_clear_error(tmp_path, case, message):
     saved_as = "storage" if case == "storage into int8" else "int8"
     setup = build(COMM, momentum_dtype=saved_as)
     train_step(setup)
     path = save_checkpoint(tmp_path, setup.parts(), comm=COMM, step=1, epoch=0)
     if case == "float codes":
-        rewrite_centers(path, lambda data: data["row_state"].update(momentum_code=data["row_state"]["momentum_code"]
-                                                                    .float()))
+        rewrite_centers(
+            path, lambda data: data["row_state"].update(momentum_code=data["row_state"]["momentum_code"].float())
+        )
     if case == "narrow codes":
-        rewrite_centers(path, lambda data: data["row_state"].update(momentum_code=data["row_state"]["momentum_code"]
-                                                                    [:, :4].contiguous()))
+        rewrite_centers(
+            path,
+            lambda data: data["row_state"].update(momentum_code=data["row_state"]["momentum_code"][:, :4].contiguous()),
+        )
     into = {"storage into int8": "int8", "int8 into storage": "storage"}.get(case, "int8")
     head, optimizer = shard_with_int8_sgd(0, CLASSES, into, momentum=0.0 if case == "int8 into none" else 0.9)
     with pytest.raises(InputError, match=message):
-        load_checkpoint(path, TrainingParts(backbone=setup.backbone, backbone_optimizer=setup.backbone_optimizer,
-                                            head=head, head_optimizer=optimizer), comm=COMM)
+        load_checkpoint(
+            path,
+            with_head(setup, head, optimizer),
+            comm=COMM,
+        )
 
 
 def job(ranks: int, out: Path, *arguments: str) -> dict:
     out.mkdir()
-    result = launch("mpirun", ranks, [worker("checkpoint_job.py"), "--out", str(out), "--momentum-dtype", "int8",
-                                      *arguments], timeout=300)
+    result = launch(
+        "mpirun",
+        ranks,
+        [worker("checkpoint_job.py"), "--out", str(out), "--momentum-dtype", "int8", *arguments],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return torch.load(out / "result.pt")
 

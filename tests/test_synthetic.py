@@ -10,8 +10,8 @@ from partial_fc.data.binfile import read_bin
 from partial_fc.data.faceset import read_faceset_index, read_property, record_label
 from partial_fc.data.lst import read_lst
 from partial_fc.data.recordio import IndexedRecordReader, unpack
-from partial_fc.errors import InputError
 from partial_fc.data.synthetic import _pair_plan, identity_attributes, render_identity_image, write_synthetic_set
+from partial_fc.errors import InputError
 from tests.launchers import REPO
 
 
@@ -34,11 +34,15 @@ def test_pairs_come_from_held_out_identities_and_alternate():
 
 
 def test_written_set_reads_back(tmp_path):
-    summary = write_synthetic_set(str(tmp_path), identities=12, images_per_identity=3, holdout_identities=4, pairs=20, workers=2, progress=False)
+    summary = write_synthetic_set(
+        str(tmp_path), identities=12, images_per_identity=3, holdout_identities=4, pairs=20, workers=2, progress=False
+    )
     assert summary.train_images == 36 and summary.pairs == 20
     reader = IndexedRecordReader(tmp_path / "train.rec", tmp_path / "train.idx")
     index = read_faceset_index(reader)
-    labels = [record_label(unpack(reader.read(int(key)))[0], path=reader.path, key=int(key)) for key in index.image_keys]
+    labels = [
+        record_label(unpack(reader.read(int(key)))[0], path=reader.path, key=int(key)) for key in index.image_keys
+    ]
     assert labels == [identity for identity in range(12) for _ in range(3)]
     assert index.num_identities == 12 and read_property(tmp_path) == (12, 112, 112)
     entries = list(read_lst(tmp_path / "train.lst"))
@@ -50,8 +54,22 @@ def test_written_set_reads_back(tmp_path):
 
 def test_bad_sizes_fail_with_one_clear_message(tmp_path):
     job = subprocess.run(
-        [sys.executable, "-m", "partial_fc", "make-synthetic", "--identities", "0", "--images-per-id", "3", "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "partial_fc",
+            "make-synthetic",
+            "--identities",
+            "0",
+            "--images-per-id",
+            "3",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert job.returncode == 2 and "at least 1 identity" in job.stderr and "Traceback" not in job.stderr
 

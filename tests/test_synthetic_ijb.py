@@ -111,12 +111,34 @@ def test_deterministic_for_a_seed(ijb, tmp_path):
 
 def test_make_synthetic_ijb_cli_and_align_on_it(tmp_path, capsys):
     out = tmp_path / "IJBC"
-    status, stdout, _ = call(capsys, "make-synthetic", "--ijb", str(out), "--identities", "3", "--templates-per-id", "2",
-                             "--medias-per-template", "1", "--images-per-media", "2", "--seed", "1")
+    status, stdout, _ = call(
+        capsys,
+        "make-synthetic",
+        "--ijb",
+        str(out),
+        "--identities",
+        "3",
+        "--templates-per-id",
+        "2",
+        "--medias-per-template",
+        "1",
+        "--images-per-media",
+        "2",
+        "--seed",
+        "1",
+    )
     summary = json.loads(stdout)
     assert status == 0 and summary["job"] == "make-synthetic" and summary["images"] == 12
-    status, stdout, _ = call(capsys, "align", str(out / "loose_crop"), str(out / "meta/ijbc_name_5pts_score.txt"),
-                             str(tmp_path / "aligned"), "--workers", "2", "--quiet")
+    status, stdout, _ = call(
+        capsys,
+        "align",
+        str(out / "loose_crop"),
+        str(out / "meta/ijbc_name_5pts_score.txt"),
+        str(tmp_path / "aligned"),
+        "--workers",
+        "2",
+        "--quiet",
+    )
     assert status == 0 and json.loads(stdout)["images"] == 12
     assert cv2.imread(str(tmp_path / "aligned" / "1.jpg")).shape == (112, 112, 3)
     status, _, err = call(capsys, "make-synthetic", "--ijb", str(out), "--identities", "2")

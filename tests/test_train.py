@@ -29,55 +29,21 @@ from partial_fc.engine.run_lock import Owner, read_owner, write_owner
 from partial_fc.engine.schedule import PolyWarmupSchedule
 from partial_fc.engine.trainer import Trainer
 from partial_fc.errors import InputError
-from tests.cli_helpers import assert_one_error, call
 from tests import mounts
+from tests.cli_helpers import assert_one_error, call
 from tests.launchers import REPO, launch, require, start, wait_for_step
 from tests.numerics import relative_error
-
-IDENTITIES, PER_ID = 40, 8  # 320 images: 10 steps per epoch at 2 ranks x batch 16
-
-
-@pytest.fixture(scope="module")
-def faceset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faces")
-    status = call_quiet("make-synthetic", "--identities", str(IDENTITIES), "--images-per-id", str(PER_ID),
-                        "--out", str(out), "--pairs", "200", "--workers", "1")
-    assert status == 0
-    return out
-
-
-def call_quiet(*arguments: str) -> int:
-    from partial_fc.cli.main import main
-
-    return main(list(arguments))
-
-
-def settings(data: Path, output: Path, **extra) -> list[str]:
-    """`partial-fc train synthetic` arguments for a tiny, fast run on `data`, writing to `output`."""
-    values = dict(rec=data, output=output, num_classes=IDENTITIES, num_image=IDENTITIES * PER_ID, batch_size=16,
-                  embedding_size=32, num_workers=0, frequent=1, verbose=1000, num_epoch=1, warmup_epoch=0,
-                  sample_rate=0.5)
-    values.update(extra)
-    return [part for key, value in values.items() for part in ("--set", f"{key}={value}")]
-
-
-def train_argv(data: Path, output: Path, *more: str, **extra) -> list[str]:
-    return ["-m", "partial_fc", "train", "synthetic", *settings(data, output, **extra), *more]
-
-
-def summary(stdout: str) -> dict:
-    lines = [re.sub(r"\[[\d,]+\]<std(out|err)>:", "", line).strip() for line in stdout.splitlines()]  # launcher tags
-    found = [json.loads(line) for line in lines if line.startswith('{"job": "train"')]
-    assert len(found) == 1, stdout
-    return found[0]
-
-
-def metrics(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(output: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in metrics(output)}
+from tests.train_runs import (
+    IDENTITIES,
+    PER_ID,
+    call_quiet,
+    checkpoint_tensors,
+    losses,
+    metrics,
+    settings,
+    summary,
+    train_argv,
+)
 
 
 def test_schedule_warms_up_then_decays_to_zero():
@@ -98,8 +64,11 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 
 def test_single_process_run_learns_evaluates_and_checkpoints(faceset, tmp_path, capsys):
-    status, out, err = call(capsys, "train", *settings(faceset, tmp_path, num_epoch=2, warmup_epoch=1, verbose=10,
-                                                        gradient_acc=2, batch_size=8))
+    status, out, err = call(
+        capsys,
+        "train",
+        *settings(faceset, tmp_path, num_epoch=2, warmup_epoch=1, verbose=10, gradient_acc=2, batch_size=8),
+    )
     assert status == 0, err
     result = summary(out)
     curve = losses(tmp_path)
@@ -125,14 +94,16 @@ def test_perf_mode_and_profile(faceset, tmp_path, capsys):
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(faceset, tmp_path, capsys):
-    status, out, err = call(capsys, "train", *settings(faceset, tmp_path, lr=1e30, max_nonfinite_steps=2,
-                                                        clip_grad_norm=0, warmup_epoch=0))
+    status, out, err = call(
+        capsys, "train", *settings(faceset, tmp_path, lr=1e30, max_nonfinite_steps=2, clip_grad_norm=0, warmup_epoch=0)
+    )
     assert_one_error(status, err, "2 steps in a row", "max_nonfinite_steps=2")
     assert "skipped" in out
 
 
-def corrupted_copy(faceset: Path, tmp_path: Path, garbage: Sequence[int] = (), writes: Mapping[int, tuple[int, bytes]] = {}
-                   ) -> Path:
+def corrupted_copy(
+    faceset: Path, tmp_path: Path, garbage: Sequence[int] = (), writes: Mapping[int, tuple[int, bytes]] = {}
+) -> Path:
     """A copy of the face set whose records ``garbage`` hold bytes that are no image (their framing kept) and whose
     records ``writes`` names get ``bytes`` written at an offset within them (0: the magic number, 12: the label)."""
     data = tmp_path / "data"
@@ -155,8 +126,10 @@ def test_two_ranks_skip_bad_records_log_each_once_and_finish(faceset, tmp_path):
     assert job.returncode == 0, job.stderr
     logged = [line for line in job.stdout.splitlines() if "skipped bad record" in line]
     assert sorted(int(re.search(r"train\.rec, key (\d+),", line).group(1)) for line in logged) == sorted(BAD_KEYS)
-    assert all(re.search(rf"{data / 'train.rec'}, key \d+, offset \d+: cannot decode image .*\(rank [01]\)", line)
-               for line in logged), logged
+    assert all(
+        re.search(rf"{data / 'train.rec'}, key \d+, offset \d+: cannot decode image .*\(rank [01]\)", line)
+        for line in logged
+    ), logged
     result = summary(job.stdout)
     assert result["steps"] == 10 and result["bad_records"] == len(BAD_KEYS)  # every batch refilled to full size
 
@@ -165,19 +138,26 @@ def test_two_ranks_skip_bad_records_log_each_once_and_finish(faceset, tmp_path):
 def test_past_max_bad_records_every_rank_stops_with_one_clear_error(faceset, tmp_path, launcher):
     data = corrupted_copy(faceset, tmp_path, garbage=range(1, 321, 9))  # 36 of 320
     job = launch(launcher, 2, train_argv(data, tmp_path / "out", max_bad_records=4, val_targets="[]"), timeout=120)
-    errors = [line.split("partial-fc: error: ", 1)[1] for line in job.stderr.splitlines() if "partial-fc: error:" in line]
+    errors = [
+        line.split("partial-fc: error: ", 1)[1] for line in job.stderr.splitlines() if "partial-fc: error:" in line
+    ]
     assert job.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], job.stderr
-    assert re.match(r"stopped at step \d+: [5-9]\d* bad records skipped, more than max_bad_records=4 \(the last: .*"
-                    r"train\.rec, key \d+, offset \d+: cannot decode image", errors[0]), errors[0]
+    assert re.match(
+        r"stopped at step \d+: [5-9]\d* bad records skipped, more than max_bad_records=4 \(the last: .*"
+        r"train\.rec, key \d+, offset \d+: cannot decode image",
+        errors[0],
+    ), errors[0]
     assert "partial-fc check-data --rec" in errors[0] and "partial_fc/" not in job.stderr  # horovodrun's own traceback
     assert len(job.stdout.split("skipped bad record")) - 1 == int(errors[0].split(": ")[1].split()[0])
 
 
 @pytest.mark.parametrize("case", ["label_out_of_range", "label_not_an_integer", "zeroed_magic"])
 def test_bad_headers_fail_before_the_first_step_naming_file_key_and_value(faceset, tmp_path, capsys, case):
-    key, at, written, expected = {"label_out_of_range": (33, 12, struct.pack("<f", 99.0), "label 99 is outside"),
-                                  "label_not_an_integer": (34, 12, struct.pack("<f", 2.5), "label 2.5 is not a class id"),
-                                  "zeroed_magic": (35, 0, bytes(4), "bad magic number 0x00000000")}[case]
+    key, at, written, expected = {
+        "label_out_of_range": (33, 12, struct.pack("<f", 99.0), "label 99 is outside"),
+        "label_not_an_integer": (34, 12, struct.pack("<f", 2.5), "label 2.5 is not a class id"),
+        "zeroed_magic": (35, 0, bytes(4), "bad magic number 0x00000000"),
+    }[case]
     data = corrupted_copy(faceset, tmp_path, writes={key: (at, written)})
     status, out, err = call(capsys, "train", *settings(data, tmp_path / "out"))
     assert_one_error(status, err, f"{data / 'train.rec'}: record at key {key}, offset ", expected)
@@ -197,8 +177,12 @@ def test_a_rec_truncated_past_max_bad_records_fails_before_training(faceset, tmp
                 half = offset + 100
     os.truncate(data / "train.rec", half)
     status, out, err = call(capsys, "train", *settings(data, tmp_path / "out"))
-    assert_one_error(status, err, f"160 records of {data} are cut off by a truncated .rec, more than max_bad_records=10",
-                     f"(the first: {data / 'train.rec'}, key 160, offset ")
+    assert_one_error(
+        status,
+        err,
+        f"160 records of {data} are cut off by a truncated .rec, more than max_bad_records=10",
+        f"(the first: {data / 'train.rec'}, key 160, offset ",
+    )
     assert "training r10_nano" not in out
 
 
@@ -210,26 +194,14 @@ def test_zeroed_magic_fails_every_rank_before_training(faceset, tmp_path):
     assert all("key 35" in error and "bad magic number 0x00000000" in error for error in errors), errors
 
 
-def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint by name, the center shards and their optimizer rows joined by class range."""
-    tensors = {f"backbone.{key}": value for key, value in torch.load(path / "backbone.pt").items()}
-    for index, state in torch.load(path / "backbone_optimizer.pt")["state"].items():
-        tensors.update({f"backbone_optimizer.{index}.{key}": value for key, value in state.items()})
-    shards = sorted((torch.load(file) for file in path.glob("centers_*.pt")), key=lambda shard: shard["start"])
-    assert [shard["start"] for shard in shards[1:]] == [shard["end"] for shard in shards[:-1]]
-    tensors["centers"] = torch.cat([shard["weight"] for shard in shards])
-    for key in shards[0]["row_state"]:
-        tensors[f"centers.{key}"] = torch.cat([shard["row_state"][key] for shard in shards])
-    return tensors
-
-
 EXACT_CLIP = 0.5  # below every step's gradient norm in the clipped variant, so clipping acts on each step
 EXACT_VARIANTS = {
     "sgd": dict(optimizer="sgd", lr=0.02, clip_grad_norm=0),
     "adamw_acc2_clip": dict(optimizer="adamw", lr=0.003, weight_decay=0.05, gradient_acc=2, clip_grad_norm=EXACT_CLIP),
 }
-EXACT_SETTINGS = dict(network="plain_nano", sample_rate=1.0, num_epoch=1, warmup_epoch=0.5, checkpoint_every=5,
-                      keep_checkpoints=4)
+EXACT_SETTINGS = dict(
+    network="plain_nano", sample_rate=1.0, num_epoch=1, warmup_epoch=0.5, checkpoint_every=5, keep_checkpoints=4
+)
 # float32, the batch summed in another order: parameters agree to ~5e-5 after 20 steps here; optimizer state
 # (sums of gradients with cancellation, e.g. PReLU slopes) to ~3e-4 on one CPU and 1.75e-3 on another (AdamW's
 # exp_avg at the last step, where the clipped gradients nearly cancel; GEMM kernels round differently per CPU).
@@ -261,12 +233,17 @@ def one_process_runs(faceset, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(EXACT_VARIANTS))
 @pytest.mark.parametrize("launcher", ["mpirun", "horovodrun-gloo"])
-def test_two_ranks_train_exactly_like_one_process_on_the_doubled_batch(faceset, tmp_path, one_process_runs,
-                                                                       launcher, variant):
+def test_two_ranks_train_exactly_like_one_process_on_the_doubled_batch(
+    faceset, tmp_path, one_process_runs, launcher, variant
+):
     """Batch 8 on each of 2 ranks against batch 16 on one (BatchNorm-free network, every center sampled): the
     same samples and flips per step, so every tensor of every checkpoint must agree, and every logged step."""
-    job = launch(launcher, 2, train_argv(faceset, tmp_path, batch_size=8, **EXACT_SETTINGS, **EXACT_VARIANTS[variant]),
-                 timeout=400)
+    job = launch(
+        launcher,
+        2,
+        train_argv(faceset, tmp_path, batch_size=8, **EXACT_SETTINGS, **EXACT_VARIANTS[variant]),
+        timeout=400,
+    )
     assert job.returncode == 0, job.stderr
     one = one_process_runs(variant)
     saved = sorted(path.name for path in (one / "checkpoints").glob("step_*"))
@@ -278,13 +255,15 @@ def test_two_ranks_train_exactly_like_one_process_on_the_doubled_batch(faceset, 
         assert all(error < tolerance_of(key) for key, error in errors.items()), (name, errors)
     first, last = (checkpoint_tensors(one / "checkpoints" / name) for name in (saved[0], saved[-1]))
     moved = [relative_error(last[key], first[key]) for key in first if key.startswith("backbone.")] + [
-        relative_error(last["centers"], first["centers"])]
+        relative_error(last["centers"], first["centers"])
+    ]
     assert min(moved) > 100 * EXACT_TOLERANCE["parameters"]  # they move far beyond the tolerance: it discriminates
     rows_two, rows_one = metrics(tmp_path), metrics(one)
     assert [row["step"] for row in rows_two] == [row["step"] for row in rows_one] == list(range(1, len(rows_one) + 1))
     for key in ("loss", "grad_norm", "learning_rate"):
-        assert [row[key] for row in rows_two] == pytest.approx([row[key] for row in rows_one],
-                                                               rel=EXACT_TOLERANCE["parameters"]), key
+        assert [row[key] for row in rows_two] == pytest.approx(
+            [row[key] for row in rows_one], rel=EXACT_TOLERANCE["parameters"]
+        ), key
     if EXACT_VARIANTS[variant]["clip_grad_norm"]:
         assert min(row["grad_norm"] for row in rows_one) > EXACT_CLIP
 
@@ -295,8 +274,9 @@ def test_a_loss_scaler_changes_no_step(faceset, tmp_path):
     saved = {}
     for name in ("unscaled", "scaled"):
         overrides = settings(faceset, tmp_path / name, **EXACT_SETTINGS, **EXACT_VARIANTS["adamw_acc2_clip"])[1::2]
-        trainer = Trainer(load_config("synthetic", [*overrides, "val_targets=[]"], environ={}),
-                          SingleProcessCommunicator())
+        trainer = Trainer(
+            load_config("synthetic", [*overrides, "val_targets=[]"], environ={}), SingleProcessCommunicator()
+        )
         if name == "scaled":  # grows 2**12 -> 2**17 over the run: a real, changing scale
             trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
         result = trainer.fit()
@@ -336,25 +316,47 @@ def test_resume_names_the_changed_keys_and_refuses_a_plan_already_done(faceset, 
 def test_ranks_started_with_different_configs_all_fail_naming_the_keys(faceset, tmp_path, launcher):
     """Rank-dependent settings (here from each rank's own variables) are caught before training."""
     script = tmp_path / "rank_dependent.sh"
-    script.write_text('rank="${OMPI_COMM_WORLD_RANK:-${HOROVOD_RANK:-0}}"\n'
-                      'export PFC_LR=0.0$((1 + rank)) PFC_WEIGHT_DECAY=0.00$((1 + rank))\n'
-                      'exec "$@"\n')
-    job = launch(launcher, 2, ["-c", "import os, sys; os.execvp('bash', ['bash', *sys.argv[1:]])", str(script),
-                               sys.executable, *train_argv(faceset, tmp_path / "out")], timeout=180)
+    script.write_text(
+        'rank="${OMPI_COMM_WORLD_RANK:-${HOROVOD_RANK:-0}}"\n'
+        "export PFC_LR=0.0$((1 + rank)) PFC_WEIGHT_DECAY=0.00$((1 + rank))\n"
+        'exec "$@"\n'
+    )
+    job = launch(
+        launcher,
+        2,
+        [
+            "-c",
+            "import os, sys; os.execvp('bash', ['bash', *sys.argv[1:]])",
+            str(script),
+            sys.executable,
+            *train_argv(faceset, tmp_path / "out"),
+        ],
+        timeout=180,
+    )
     errors = job.stderr.split("partial-fc: error:")[1:]
     assert job.returncode != 0 and len(errors) == 2, job.stderr
-    assert all("different configs" in error and "rank 1: lr: 0.01 -> 0.02, weight_decay: 0.001 -> 0.002" in error
-               for error in errors), errors
+    assert all(
+        "different configs" in error and "rank 1: lr: 0.01 -> 0.02, weight_decay: 0.001 -> 0.002" in error
+        for error in errors
+    ), errors
     assert "training r10_nano" not in job.stdout
 
 
 @pytest.mark.parametrize("case", ["typo", "missing_data", "too_few_classes", "bad_value"])
 @pytest.mark.parametrize("launcher", ["mpirun", "horovodrun-gloo"])
 def test_bad_setup_fails_every_rank_before_training(faceset, tmp_path, launcher, case):
-    extra = {"typo": ["--set", "num_epochs=2"], "missing_data": ["--set", f"rec={tmp_path / 'nowhere'}"],
-             "too_few_classes": ["--set", "num_classes=7"], "bad_value": ["--set", "sample_rate=1.5"]}[case]
-    expected = {"typo": "did you mean 'num_epoch'", "missing_data": "nowhere", "too_few_classes": "num_classes=7",
-                "bad_value": "sample_rate"}[case]
+    extra = {
+        "typo": ["--set", "num_epochs=2"],
+        "missing_data": ["--set", f"rec={tmp_path / 'nowhere'}"],
+        "too_few_classes": ["--set", "num_classes=7"],
+        "bad_value": ["--set", "sample_rate=1.5"],
+    }[case]
+    expected = {
+        "typo": "did you mean 'num_epoch'",
+        "missing_data": "nowhere",
+        "too_few_classes": "num_classes=7",
+        "bad_value": "sample_rate",
+    }[case]
     job = launch(launcher, 2, [*train_argv(faceset, tmp_path / "out"), *extra], timeout=180)
     # Every rank fails on its own, before any collective; the launcher may kill a rank that has not printed
     # yet once the first one exits, so at least one (usually both) of the ranks' lines is there.
@@ -362,7 +364,7 @@ def test_bad_setup_fails_every_rank_before_training(faceset, tmp_path, launcher,
     assert job.returncode != 0 and 1 <= len(errors) <= 2, job.stderr
     assert all(expected in error for error in errors), errors
     assert "training r10_nano" not in job.stdout
-    assert 'partial_fc/' not in job.stderr  # no traceback through our code (horovodrun prints its own)
+    assert "partial_fc/" not in job.stderr  # no traceback through our code (horovodrun prints its own)
 
 
 @pytest.mark.slow
@@ -403,11 +405,34 @@ def test_resume_on_three_then_one_rank_reshards_and_continues(faceset, tmp_path)
 @pytest.mark.slow
 def test_small_main_job_reaches_verification_accuracy(tmp_path):
     data = tmp_path / "data"
-    assert call_quiet("make-synthetic", "--identities", "100", "--images-per-id", "16", "--out", str(data),
-                      "--workers", "1") == 0
-    argv = ["-m", "partial_fc", "train", "synthetic", "--set", f"rec={data}", "--set", f"output={tmp_path / 'out'}",
-            "--set", "num_classes=100", "--set", "num_image=1600", "--set", "num_epoch=3", "--set", "batch_size=32",
-            "--set", "verbose=25", "--set", "num_workers=1"]
+    assert (
+        call_quiet(
+            "make-synthetic", "--identities", "100", "--images-per-id", "16", "--out", str(data), "--workers", "1"
+        )
+        == 0
+    )
+    argv = [
+        "-m",
+        "partial_fc",
+        "train",
+        "synthetic",
+        "--set",
+        f"rec={data}",
+        "--set",
+        f"output={tmp_path / 'out'}",
+        "--set",
+        "num_classes=100",
+        "--set",
+        "num_image=1600",
+        "--set",
+        "num_epoch=3",
+        "--set",
+        "batch_size=32",
+        "--set",
+        "verbose=25",
+        "--set",
+        "num_workers=1",
+    ]
     job = launch("mpirun", 2, argv, timeout=900)
     assert job.returncode == 0, job.stderr
     assert summary(job.stdout)["best_verification"]["synthetic"] >= 0.9
@@ -424,8 +449,10 @@ def test_init_weights_start_the_backbone_from_an_arcface_torch_file(faceset, tmp
     assert all(torch.equal(loaded[key], value) for key, value in published.state_dict().items())
     torch.save(get_model("r18", num_features=32).state_dict(), tmp_path / "r18.pth")
     with pytest.raises(InputError, match="r18.pth: weights do not match network .r10_nano."):
-        Trainer(load_config("synthetic", [*overrides, f"init_weights={tmp_path / 'r18.pth'}"], environ={}),
-                SingleProcessCommunicator())
+        Trainer(
+            load_config("synthetic", [*overrides, f"init_weights={tmp_path / 'r18.pth'}"], environ={}),
+            SingleProcessCommunicator(),
+        )
 
 
 @pytest.mark.slow
@@ -437,11 +464,14 @@ def test_other_launchers_train(faceset, tmp_path, launcher):
     assert result["ranks"] == 2 and result["steps"] == 4 and result["samples_per_second"] > 0
 
 
-@pytest.mark.parametrize("variant", [
-    {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.05},
-    {"fp16": "true", "amp_dtype": "bfloat16", "storage_dtype": "bfloat16"},
-    {"interclass_filtering_threshold": 0.3, "sample_rate": 1.0},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.05},
+        {"fp16": "true", "amp_dtype": "bfloat16", "storage_dtype": "bfloat16"},
+        {"interclass_filtering_threshold": 0.3, "sample_rate": 1.0},
+    ],
+)
 def test_training_variants_run_and_learn(faceset, tmp_path, capsys, variant):
     status, out, err = call(capsys, "train", *settings(faceset, tmp_path, num_epoch=2, **variant))
     assert status == 0, err
@@ -453,8 +483,19 @@ def test_training_variants_run_and_learn(faceset, tmp_path, capsys, variant):
 @pytest.mark.slow
 def test_horovodrun_starts_config_sh_on_every_rank(faceset, tmp_path):
     require("horovodrun-gloo")
-    cmd = ["horovodrun", "--gloo", "-np", "2", "-H", "localhost:2", "bash", str(REPO / "config.sh"),
-           *settings(faceset, tmp_path), "--perf-steps", "1"]
+    cmd = [
+        "horovodrun",
+        "--gloo",
+        "-np",
+        "2",
+        "-H",
+        "localhost:2",
+        "bash",
+        str(REPO / "config.sh"),
+        *settings(faceset, tmp_path),
+        "--perf-steps",
+        "1",
+    ]
     env = {**os.environ, "CONFIG": "synthetic", "LR": "0.05", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     job = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert job.returncode == 0, job.stderr
@@ -484,16 +525,19 @@ def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_previous_checkpo
     assert job.returncode not in (0, 97) and len(errors) == 2 and errors[0] == errors[1], job.stderr
     assert "Traceback" not in job.stderr and "enforce fail" not in job.stderr, job.stderr
     failed = 8 if on_save_error == "stop" else 10  # with continue, step 8 fails, training goes on, the final fails
-    assert errors[0].startswith(f"checkpoint {disk}/out/checkpoints/step_{failed:08d} was not saved: cannot write "
-                                f"{disk}/out/checkpoints/.step_{failed:08d}.partial/"), errors[0]
+    assert errors[0].startswith(
+        f"checkpoint {disk}/out/checkpoints/step_{failed:08d} was not saved: cannot write "
+        f"{disk}/out/checkpoints/.step_{failed:08d}.partial/"
+    ), errors[0]
     assert "No space left on device (ENOSPC)" in errors[0] and "--resume" in errors[0]
     assert f"the newest checkpoint, {disk}/out/checkpoints/step_00000004, is intact" in errors[0]
     if on_save_error == "stop":
         assert "stopped after step 8 (on_save_error=stop)" in errors[0] and not warnings, job.stderr
         assert "step 9/10" not in job.stdout
     else:
-        assert len(warnings) == 2 and all("step_00000008 was not saved" in line and "training goes on" in line
-                                          for line in warnings), warnings
+        assert len(warnings) == 2 and all(
+            "step_00000008 was not saved" in line and "training goes on" in line for line in warnings
+        ), warnings
         assert "step 10/10" in job.stdout and "stopped after step 10 (the run's last checkpoint)" in errors[0]
     checkpoints = kept / "out" / "checkpoints"
     assert sorted(path.name for path in checkpoints.iterdir()) == ["latest", "step_00000004"]
@@ -565,8 +609,12 @@ def test_one_run_per_output_folder_and_a_killed_runs_folder_is_taken_over(facese
         live = checkpoints / ".step_00000098.partial"  # a save of a process that still runs
         live.mkdir()
         write_owner(live / ".owner", Owner.of_process(sleeper.pid))
-        third = launch("mpirun", 2, train_argv(faceset, output, "--resume", "--perf-steps", "1", num_epoch=30,
-                                               checkpoint_every=4), timeout=180)
+        third = launch(
+            "mpirun",
+            2,
+            train_argv(faceset, output, "--resume", "--perf-steps", "1", num_epoch=30, checkpoint_every=4),
+            timeout=180,
+        )
         assert third.returncode == 0, third.stderr
         assert f"took over {output} from a run that is gone ({owner.describe()})" in third.stdout, third.stdout
         assert f"removed {dead}, left by an interrupted save" in third.stdout
@@ -575,4 +623,3 @@ def test_one_run_per_output_folder_and_a_killed_runs_folder_is_taken_over(facese
     finally:
         sleeper.kill()
         sleeper.wait()
-

@@ -18,7 +18,12 @@ def summary(output: str) -> dict:
 
 @pytest.mark.parametrize(
     "launcher, ranks, backend",
-    [("mpirun", 2, "torch"), ("horovodrun-gloo", 2, "horovod"), ("horovodrun-mpi", 3, "horovod"), ("torchrun", 2, "torch")],
+    [
+        ("mpirun", 2, "torch"),
+        ("horovodrun-gloo", 2, "horovod"),
+        ("horovodrun-mpi", 3, "horovod"),
+        ("torchrun", 2, "torch"),
+    ],
 )
 def test_loss_falls_and_replicas_stay_identical(launcher, ranks, backend):
     job = launch(launcher, ranks, DEMO)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import partial_fc.data.unpack_to_folder as unpack_module
-from tests.cli_helpers import assert_one_error, call
-from partial_fc.data.unpack_to_folder import STATE_NAME, numbers_from_labels, unpack_sets
 from partial_fc.data.faceset import FaceSetWriter
 from partial_fc.data.recordio import IndexedRecordWriter, IRHeader, pack
 from partial_fc.data.synthetic import render_identity_image
+from partial_fc.data.unpack_to_folder import STATE_NAME, numbers_from_labels, unpack_sets
+from tests.cli_helpers import assert_one_error, call
 from tests.launchers import REPO
 
 
@@ -40,7 +40,7 @@ def glint_like_set(directory, labels: list[int]) -> dict:
     images, ranges = {}, []
     with IndexedRecordWriter(directory / "train.rec", directory / "train.idx") as writer:
         for key, label in enumerate(labels, start=1):
-            n = sum(1 for other in labels[:key - 1] if other == label)
+            n = sum(1 for other in labels[: key - 1] if other == label)
             images[label, n] = jpeg(label, n)
             writer.write(key, pack(IRHeader(2, [float(label), 7.0], key, 0), images[label, n]))
             if n == 0:
@@ -83,9 +83,22 @@ def test_script_merges_sets_offsetting_labels_by_the_classes_before(tmp_path):
     first = face_set(tmp_path / "a", [2, 1, 3])
     second = glint_like_set(tmp_path / "b", [0, 0, 1, 1, 1])
     job = subprocess.run(
-        [sys.executable, "unpack_glint360k.py", "--include", f"{tmp_path / 'a'},{tmp_path / 'b'}",
-         "--output", str(tmp_path / "out"), "--workers", "2", "--chunk-size", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "unpack_glint360k.py",
+            "--include",
+            f"{tmp_path / 'a'},{tmp_path / 'b'}",
+            "--output",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+            "--chunk-size",
+            "2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert job.returncode == 0, job.stderr
     summary = json.loads(job.stdout)
@@ -97,8 +110,19 @@ def test_script_merges_sets_offsetting_labels_by_the_classes_before(tmp_path):
 
 def test_array_labels_without_identity_records_number_images_per_label(tmp_path, capsys):
     images = headerless_set(tmp_path / "s", [2, 0, 2, 1, 0, 2, 1])
-    status, out, _ = call(capsys, "unpack", "--include", str(tmp_path / "s"), "--output", str(tmp_path / "out"),
-                          "--workers", "2", "--chunk-size", "3", "--quiet")
+    status, out, _ = call(
+        capsys,
+        "unpack",
+        "--include",
+        str(tmp_path / "s"),
+        "--output",
+        str(tmp_path / "out"),
+        "--workers",
+        "2",
+        "--chunk-size",
+        "3",
+        "--quiet",
+    )
     assert status == 0 and json.loads(out)["identities"] == 3
     assert unpacked(tmp_path / "out") == images
 
@@ -125,7 +149,9 @@ def test_interrupted_run_resumes_and_ends_with_exact_counts(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         unpack_sets([str(tmp_path / "s")], str(output), workers=1, chunk_size=2, progress=False)
     monkeypatch.undo()
-    assert len(unpacked(output)) == 5 and any(name.endswith(".part") for _, _, names in os.walk(output) for name in names)
+    assert len(unpacked(output)) == 5 and any(
+        name.endswith(".part") for _, _, names in os.walk(output) for name in names
+    )
     state = json.loads((output / STATE_NAME).read_text())
     assert state["done"] == [[0, 1]]  # chunks finished before the interruption were recorded
 
@@ -159,9 +185,18 @@ def test_label_past_its_sets_class_count_is_an_error_when_merging(tmp_path, caps
     face_set(tmp_path / "a", [1, 1, 1])
     face_set(tmp_path / "b", [1])
     (tmp_path / "a" / "property").write_text("2,24,24\n")
-    status, _, err = call(capsys, "unpack", "--include", f"{tmp_path / 'a'},{tmp_path / 'b'}",
-                          "--output", str(tmp_path / "out"), "--quiet")
-    assert_one_error(status, err, str(tmp_path / "a" / "train.rec"), "key 3", "label 2 is not below the set's 2 classes")
+    status, _, err = call(
+        capsys,
+        "unpack",
+        "--include",
+        f"{tmp_path / 'a'},{tmp_path / 'b'}",
+        "--output",
+        str(tmp_path / "out"),
+        "--quiet",
+    )
+    assert_one_error(
+        status, err, str(tmp_path / "a" / "train.rec"), "key 3", "label 2 is not below the set's 2 classes"
+    )
 
 
 def truncate(path, count: int) -> None:
@@ -185,15 +220,40 @@ def test_bad_sets_are_named_in_one_line(tmp_path, capsys, workers):
         ("cut_images", [str(tmp_path / "cut_images" / "train.rec"), "key 3", "truncated"]),
     ]
     for folder, names in cases:
-        status, _, err = call(capsys, "unpack", "--include", str(tmp_path / folder), "--output", str(tmp_path / "out"),
-                              "--workers", workers, "--chunk-size", "1", "--quiet")
+        status, _, err = call(
+            capsys,
+            "unpack",
+            "--include",
+            str(tmp_path / folder),
+            "--output",
+            str(tmp_path / "out"),
+            "--workers",
+            workers,
+            "--chunk-size",
+            "1",
+            "--quiet",
+        )
         assert_one_error(status, err, *names)
 
 
 def test_real_command_fails_in_one_line_without_traceback(tmp_path):
     face_set(tmp_path / "s", [1])
     (tmp_path / "s" / "train.idx").unlink()
-    job = subprocess.run([sys.executable, "-m", "partial_fc", "unpack", "--include", str(tmp_path / "s"), "--output",
-                          str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    job = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "partial_fc",
+            "unpack",
+            "--include",
+            str(tmp_path / "s"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert job.returncode == 2 and job.stderr.count("partial-fc: error:") == 1 and "Traceback" not in job.stderr
     assert f"{tmp_path / 's' / 'train.idx'}: missing" in job.stderr

@@ -12,8 +12,8 @@ import pytest
 
 from partial_fc.engine.watchdog import STALLED_STATUS, StepWatchdog
 from tests.launchers import rank_process, start, wait_for_step
-from tests.test_preemption import EPOCHS, faceset  # noqa: F401 - the module's generated face set
-from tests.test_train import train_argv
+from tests.test_preemption import EPOCHS
+from tests.train_runs import train_argv
 
 STALL_TIMEOUT = 5.0
 
@@ -41,7 +41,7 @@ def test_heartbeats_blame_the_silent_rank_then_the_odd_one_out(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher, stopped", [("mpirun", 1), ("horovodrun-gloo", 1), ("torchrun", 0)])
-def test_a_stopped_rank_ends_the_job_naming_it(faceset, tmp_path, launcher, stopped):  # noqa: F811
+def test_a_stopped_rank_ends_the_job_naming_it(faceset, tmp_path, launcher, stopped):
     job = start(launcher, 2, train_argv(faceset, tmp_path, num_epoch=EPOCHS, stall_timeout=STALL_TIMEOUT))
     try:
         wait_for_step(tmp_path, 5, job)
@@ -67,5 +67,7 @@ def test_a_stopped_rank_ends_the_job_naming_it(faceset, tmp_path, launcher, stop
     assert "stall_timeout=5" in lines[0]
     assert all("stalled: this rank itself, frozen for" in line for line in lines if woken in line), lines
     assert seconds < 60, seconds
-    print(f"{launcher}: job ended {seconds:.1f} s after SIGSTOP to rank {stopped}; status {job.returncode} "
-          f"(ranks exit {STALLED_STATUS})")
+    print(
+        f"{launcher}: job ended {seconds:.1f} s after SIGSTOP to rank {stopped}; status {job.returncode} "
+        f"(ranks exit {STALLED_STATUS})"
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,9 +87,16 @@ class EpochLoader(DataLoader):
         sampler.set_epoch(sampler.epoch + 1)
 
 
-def build_loader(dataset: Dataset, batch_size: int, sampler: DistributedEpochSampler, num_workers: int = 4,
-                 pin_memory: bool | None = None, prefetch_factor: int = 2, drop_last: bool = True,
-                 seed: int = 0) -> EpochLoader:
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    sampler: DistributedEpochSampler,
+    num_workers: int = 4,
+    pin_memory: bool | None = None,
+    prefetch_factor: int = 2,
+    drop_last: bool = True,
+    seed: int = 0,
+) -> EpochLoader:
     """A loader of ``batch_size`` batches from ``sampler``'s epochs: persistent workers when ``num_workers > 0``,
     ``prefetch_factor`` batches ahead per worker, memory pinned when CUDA is available (``pin_memory=None``)."""
     workers = num_workers > 0
@@ -106,7 +113,7 @@ def build_loader(dataset: Dataset, batch_size: int, sampler: DistributedEpochSam
     )
 
 
-Batch = Union[torch.Tensor, Mapping, list, tuple, Any]
+Batch = torch.Tensor | Mapping | list | tuple | Any
 
 
 def to_device(batch: Batch, device: str | torch.device) -> Batch:
@@ -124,7 +131,9 @@ def to_device(batch: Batch, device: str | torch.device) -> Batch:
     return batch
 
 
-def device_batch(batch: tuple[torch.Tensor, torch.Tensor], device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def device_batch(
+    batch: tuple[torch.Tensor, torch.Tensor], device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader's ``(uint8 images [B, H, W, 3], labels)`` as network input on ``device``: the uint8 pixels are
     copied (a quarter of the float bytes), then normalised there to float32 [B, 3, H, W] (channels-last)."""
     images, labels = batch

@@ -44,8 +44,12 @@ def _build(source: bytes, compiler: str) -> Path | None:
         except OSError:
             continue
         try:
-            subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(_SOURCE)],
-                           check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(_SOURCE)],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
             os.replace(partial, library)  # concurrent ranks each build and rename; any one of them wins
             return library
         except (OSError, subprocess.SubprocessError):
@@ -68,8 +72,14 @@ def _library() -> ctypes.CDLL | None:
         return None
     for function in (library.pfc_take_rows, library.pfc_put_rows):
         function.restype = ctypes.c_int64
-        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                             ctypes.c_void_p]
+        function.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
     return library
 
 
@@ -84,7 +94,12 @@ def _native(table: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor) -> c
         return None
     if not (table.device.type == buffer.device.type == index.device.type == "cpu"):
         return None
-    if table.dtype != buffer.dtype or index.dtype != torch.int64 or table.dim() < 1 or table.shape[1:] != buffer.shape[1:]:
+    if (
+        table.dtype != buffer.dtype
+        or index.dtype != torch.int64
+        or table.dim() < 1
+        or table.shape[1:] != buffer.shape[1:]
+    ):
         return None
     if not (table.is_contiguous() and buffer.is_contiguous() and index.is_contiguous()):
         return None
@@ -97,8 +112,9 @@ def _copied_natively(routine: str, table: torch.Tensor, index: torch.Tensor, buf
     if library is None:
         return False
     row_bytes = table[0].numel() * table.element_size() if table.shape[0] else 0
-    bad = getattr(library, routine)(table.data_ptr(), table.shape[0], index.data_ptr(), index.numel(), row_bytes,
-                                    buffer.data_ptr())
+    bad = getattr(library, routine)(
+        table.data_ptr(), table.shape[0], index.data_ptr(), index.numel(), row_bytes, buffer.data_ptr()
+    )
     if bad >= 0:
         raise IndexError(f"row index {int(index[bad])} (position {bad}) is outside the table's {table.shape[0]} rows")
     return True
@@ -106,8 +122,10 @@ def _copied_natively(routine: str, table: torch.Tensor, index: torch.Tensor, buf
 
 def _as_words(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Rows of int8 codes seen as int64 words where all allow it: torch's row copies then run ~3x faster."""
-    if all(t.dtype == torch.int8 and t.shape[-1] % 8 == 0 and t.is_contiguous() and t.storage_offset() % 8 == 0
-           for t in tensors):
+    if all(
+        t.dtype == torch.int8 and t.shape[-1] % 8 == 0 and t.is_contiguous() and t.storage_offset() % 8 == 0
+        for t in tensors
+    ):
         return tuple(t.view(torch.int64) for t in tensors)
     return tensors
 
