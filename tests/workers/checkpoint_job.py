@@ -1,6 +1,6 @@
 """Worker: a tiny deterministic training run that saves and resumes checkpoints, on any number of ranks.
 
-`build` and `train_step` are shared with tests/test_checkpoint.py. Rank 0 writes `result.pt` to --out:
+`build` and `train_step` are shared with tests/engine/test_checkpoint.py. Rank 0 writes `result.pt` to --out:
 the loss of every step, and the whole (gathered) centers and momentum at each save, after loading and at
 the end. A PartialFCError is printed as `partial-fc: error: ...` and every rank records its exit status.
 """

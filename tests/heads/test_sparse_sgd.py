@@ -19,8 +19,8 @@ from partial_fc.engine.trainer import Trainer, build_optimizers
 from partial_fc.errors import InputError
 from partial_fc.heads import ArcFace, PartialFC, SparseSGD
 from partial_fc.heads.sparse_sgd import INT8_LEVELS, decode_int8_rows, encode_int8_rows
+from tests.engine.test_checkpoint import FirstOfMany
 from tests.launchers import REPO, launch, worker
-from tests.test_checkpoint import FirstOfMany
 from tests.workers.checkpoint_job import CLASSES, DIM, build, train_step
 
 COMM = SingleProcessCommunicator()

@@ -3,15 +3,15 @@
 import ast
 import itertools
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from partial_fc.data.sampler import DistributedEpochSampler, EpochBatchSampler, SeededBatch, position_uniforms
 from partial_fc.errors import InputError
+from tests.launchers import REPO
 
-DATA = Path(__file__).resolve().parents[1] / "partial_fc" / "data"
+DATA = REPO / "partial_fc" / "data"
 
 
 def _epoch(n, world, epoch=0, **kwargs):

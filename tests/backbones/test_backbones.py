@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +17,9 @@ import torch
 from partial_fc.backbones import get_model, list_models, register_model, registry
 from partial_fc.backbones.vit import DropPath
 from partial_fc.errors import InputError
+from tests.launchers import REPO
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "arcface_torch"
+FIXTURES = REPO / "tests" / "fixtures" / "arcface_torch"
 _spec = importlib.util.spec_from_file_location("arcface_fixtures", FIXTURES / "make_fixtures.py")
 fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixtures)

@@ -15,8 +15,8 @@ from partial_fc.engine.config import load_config
 from partial_fc.engine.schedule import PolyWarmupSchedule
 from partial_fc.engine.trainer import Trainer
 from tests.cli_helpers import assert_one_error, call
+from tests.eval.test_ijb import train_backbone
 from tests.launchers import launch
-from tests.test_ijb import train_backbone
 from tests.train_runs import call_quiet, checkpoint_tensors, settings, summary
 
 BACKBONE_PREFIX = "backbone."

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from partial_fc.engine.watchdog import STALLED_STATUS, StepWatchdog
+from tests.engine.test_preemption import EPOCHS
 from tests.launchers import rank_process, start, wait_for_step
-from tests.test_preemption import EPOCHS
 from tests.train_runs import train_argv
 
 STALL_TIMEOUT = 5.0

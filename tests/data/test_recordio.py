@@ -9,7 +9,6 @@ import pickle
 import random
 import shutil
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,8 +29,9 @@ from partial_fc.data import (
     unpack,
 )
 from partial_fc.errors import InputError
+from tests.launchers import REPO
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mxnet"
+FIXTURES = REPO / "tests" / "fixtures" / "mxnet"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
 FILES = MANIFEST["files"]
 INDEXED = sorted(name for name, f in FILES.items() if f["indexed"])

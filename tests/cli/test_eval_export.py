@@ -20,8 +20,8 @@ from partial_fc.eval.roc import atomic_path, plot_roc, roc_curve
 from partial_fc.eval.verification import evaluate_model, tar_at_far
 from partial_fc.export import OnnxMismatchError, check_onnx, export_onnx, onnx_session, run_onnx
 from tests.cli_helpers import assert_one_error, call
+from tests.launchers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 NETWORK, DIM = "mbf", 64
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,6 @@
 """SyncBatchNorm in one process, and the conversion of a network's BatchNorm layers.
 
-Its multi-rank equality with plain BatchNorm on the whole batch is proven in tests/test_distributed.py.
+Its multi-rank equality with plain BatchNorm on the whole batch is proven in tests/engine/test_distributed.py.
 """
 
 import pytest
