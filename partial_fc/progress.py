@@ -34,7 +34,8 @@ class Progress:
         rate = self.done / max(now - self.started, 1e-9)
         if self.total:
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
-            line = f"{self.label}: {self.done}/{self.total} ({100.0 * self.done / self.total:5.1f}%) {rate:,.0f}/s, {left:,.0f}s left"
+            percent = 100.0 * self.done / self.total
+            line = f"{self.label}: {self.done}/{self.total} ({percent:5.1f}%) {rate:,.0f}/s, {left:,.0f}s left"
         else:
             line = f"{self.label}: {self.done} {rate:,.0f}/s"
         end = "\r" if self.stream.isatty() else "\n"

@@ -11,10 +11,10 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import pytest
@@ -87,9 +87,13 @@ class Hosts:
 
     def env(self) -> dict[str, str]:
         """Variables that make mpirun and horovodrun reach these hosts (the shim's folder first on PATH)."""
-        return {"OMPI_MCA_plm_rsh_agent": str(self.agent), "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
-                "OMPI_MCA_btl_tcp_if_include": self.subnet, "OMPI_MCA_oob_tcp_if_include": self.subnet,
-                "OMPI_MCA_plm_rsh_no_tree_spawn": "1"}
+        return {
+            "OMPI_MCA_plm_rsh_agent": str(self.agent),
+            "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
+            "OMPI_MCA_btl_tcp_if_include": self.subnet,
+            "OMPI_MCA_oob_tcp_if_include": self.subnet,
+            "OMPI_MCA_plm_rsh_no_tree_spawn": "1",
+        }
 
     def host_list(self, slots: int = 1) -> str:
         return ",".join(f"{address}:{slots}" for address in self.addresses)
@@ -104,8 +108,9 @@ class Hosts:
 
     def rank_process(self, index: int, rank: int) -> psutil.Process | None:
         """The training process of `rank` on host `index` (remote daemons are not the launcher's descendants)."""
-        pids = subprocess.run(["ip", "netns", "pids", self.namespaces[index]], capture_output=True,
-                              text=True).stdout.split()
+        pids = subprocess.run(
+            ["ip", "netns", "pids", self.namespaces[index]], capture_output=True, text=True
+        ).stdout.split()
         candidates = []
         for pid in pids:
             try:
@@ -165,8 +170,9 @@ def simulated_hosts(count: int, workdir: Path, disk: Path | None = None) -> Iter
             _run("ip", "-n", namespace, "link", "set", "lo", "up")
         tools = workdir / "simulated_hosts"
         (tools / "bin").mkdir(parents=True, exist_ok=True)
-        cases = "\n".join(f"    {address}) ns={namespace} disk={disk or ''} ;;"
-                          for address, namespace in zip(addresses, namespaces))
+        cases = "\n".join(
+            f"    {address}) ns={namespace} disk={disk or ''} ;;" for address, namespace in zip(addresses, namespaces)
+        )
         agent = tools / "agent"
         agent.write_text(AGENT.format(cases=cases))
         (tools / "bin" / "ssh").write_text(SSH_SHIM.format(agent=agent))

@@ -69,25 +69,48 @@ def command(launcher: str, ranks: int, argv: list[str]) -> tuple[list[str], dict
     if launcher == "horovodrun-gloo":
         return ["horovodrun", "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}", *python], {}
     if launcher == "horovodrun-mpi":
-        return ["horovodrun", "--mpi", "-np", str(ranks), "-H", f"localhost:{ranks}", *python], {"PARTIAL_FC_COMM": "horovod"}
+        return ["horovodrun", "--mpi", "-np", str(ranks), "-H", f"localhost:{ranks}", *python], {
+            "PARTIAL_FC_COMM": "horovod"
+        }
     if launcher == "torchrun":
         port = str(_free_port())
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", port, *argv], {}
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            port,
+            *argv,
+        ], {}
     raise ValueError(launcher)
 
 
-def start(launcher: str, ranks: int, argv: list[str], env: dict[str, str] | None = None,
-          prefix: list[str] | None = None) -> subprocess.Popen:
+def start(
+    launcher: str, ranks: int, argv: list[str], env: dict[str, str] | None = None, prefix: list[str] | None = None
+) -> subprocess.Popen:
     """Start `argv` under `launcher` on `ranks` processes, in a session of its own, with its output piped; `prefix`
     (e.g. a mount namespace's set-up) runs the launcher."""
     require(launcher)
     cmd, launcher_env = command(launcher, ranks, argv)
-    return subprocess.Popen([*(prefix or []), *cmd], cwd=REPO, env=_environment({**launcher_env, **(env or {})}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [*(prefix or []), *cmd],
+        cwd=REPO,
+        env=_environment({**launcher_env, **(env or {})}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def launch(
-    launcher: str, ranks: int, argv: list[str], env: dict[str, str] | None = None, timeout: float = 240.0,
+    launcher: str,
+    ranks: int,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 240.0,
     prefix: list[str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `argv` under `launcher` on `ranks` processes; a job that outlives `timeout` is killed and fails the test."""

@@ -18,8 +18,9 @@ import pytest
 
 @functools.cache
 def _namespaces_allowed() -> bool:
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True, timeout=30)
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True, timeout=30
+    )
     return probe.returncode == 0
 
 
@@ -43,8 +44,10 @@ def full_disk(folder: Path, size_kib: int, keep: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     keep.mkdir(parents=True, exist_ok=True)
     where, kept = shlex.quote(str(folder)), shlex.quote(str(keep))
-    return _prefix(f'mount -t tmpfs -o size={size_kib}k tmpfs {where} || exit 97; "$@"; status=$?; '
-                   f'cp -a {where}/. {kept}/; exit $status')
+    return _prefix(
+        f'mount -t tmpfs -o size={size_kib}k tmpfs {where} || exit 97; "$@"; status=$?; '
+        f"cp -a {where}/. {kept}/; exit $status"
+    )
 
 
 def read_only(folder: Path) -> list[str]:

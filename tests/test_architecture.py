@@ -8,8 +8,18 @@ from pathlib import Path
 from tests.launchers import REPO
 
 # Lowest first, as ARCHITECTURE.md lists them; a layer may import only itself and the layers before it.
-LAYERS = (("__init__", "errors", "fileio", "progress"), ("comm",), ("heads",), ("backbones",), ("data",), ("eval",),
-          ("export",), ("engine",), ("perf",), ("cli", "__main__", "configs"))
+LAYERS = (
+    ("__init__", "errors", "fileio", "progress"),
+    ("comm",),
+    ("heads",),
+    ("backbones",),
+    ("data",),
+    ("eval",),
+    ("export",),
+    ("engine",),
+    ("perf",),
+    ("cli", "__main__", "configs"),
+)
 # The one upward import, named in ARCHITECTURE.md: the GPU script drives `partial-fc train` through the CLI.
 ALLOWED_UPWARD = {("partial_fc/perf/gpu.py", "partial_fc.cli.main")}
 

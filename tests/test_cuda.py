@@ -42,21 +42,28 @@ def comm() -> DeviceCommunicator:
     return DeviceCommunicator()
 
 
-@pytest.mark.parametrize("margin", [ArcFace(s=16.0), CosFace(s=16.0, margin=0.35),
-                                    CombinedMargin(s=16.0, m1=0.9, m2=0.4, m3=0.15)],
-                         ids=["arcface", "cosface", "combined"])
-@pytest.mark.parametrize("storage_dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)],
-                         ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    "margin",
+    [ArcFace(s=16.0), CosFace(s=16.0, margin=0.35), CombinedMargin(s=16.0, m1=0.9, m2=0.4, m3=0.15)],
+    ids=["arcface", "cosface", "combined"],
+)
+@pytest.mark.parametrize(
+    "storage_dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["float64", "float32"]
+)
 @pytest.mark.parametrize("update_in_backward", [True, False], ids=["update_in_backward", "update_in_step"])
-def test_head_on_the_device_matches_the_float64_reference(comm, margin, storage_dtype, tolerance,
-                                                          update_in_backward):
+def test_head_on_the_device_matches_the_float64_reference(comm, margin, storage_dtype, tolerance, update_in_backward):
     problem = make_problem(1, classes=300, dim=32, steps=3, seed=11)
     expected = reference_run(problem, margin.s, margin.m1, margin.m2, margin.m3)
     head = PartialFC(margin, 32, 300, comm=comm, storage_dtype=storage_dtype, chunk_rows=64)
     assert head.weight.device.type == DEVICE.type
     head.weight.copy_(problem.centers.to(DEVICE))
-    optimizer = SparseSGD(head, lr=problem.lr, momentum=problem.momentum, weight_decay=problem.weight_decay,
-                          update_in_backward=update_in_backward)
+    optimizer = SparseSGD(
+        head,
+        lr=problem.lr,
+        momentum=problem.momentum,
+        weight_decay=problem.weight_decay,
+        update_in_backward=update_in_backward,
+    )
     for embeddings, labels, want in zip(problem.embeddings, problem.labels, expected):
         embeddings = embeddings.to(DEVICE, head.working_dtype).requires_grad_(True)
         loss = head(embeddings, labels.to(DEVICE))
@@ -74,19 +81,23 @@ def _one_step(head: PartialFC, embeddings: torch.Tensor, labels: torch.Tensor) -
     return loss.item(), embeddings.grad
 
 
-@pytest.mark.parametrize("storage_dtype, fp16", [(torch.float32, True), (torch.bfloat16, False),
-                                                 (torch.float16, False), (torch.bfloat16, True)],
-                         ids=["fp16_matmuls", "bf16_storage", "fp16_storage", "bf16_storage_fp16_matmuls"])
+@pytest.mark.parametrize(
+    "storage_dtype, fp16",
+    [(torch.float32, True), (torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)],
+    ids=["fp16_matmuls", "bf16_storage", "fp16_storage", "bf16_storage_fp16_matmuls"],
+)
 def test_reduced_precision_on_the_device_stays_close_to_float32(comm, storage_dtype, fp16):
-    """fp16 matmuls (float16 on CUDA, bfloat16 on the CPU) and bf16/fp16 storage: close to the float32 head, not equal."""
+    """fp16 matmuls (float16 on CUDA, bfloat16 on the CPU) and bf16/fp16 storage: close to the float32 head,
+    not equal."""
     generator = torch.Generator().manual_seed(3)
     embeddings = torch.randn(64, 128, generator=generator).to(DEVICE)
     labels = torch.randint(0, 5000, (64,), generator=generator).to(DEVICE)
     exact = PartialFC(ArcFace(), 128, 5000, comm=comm, chunk_rows=1024)
     reduced = PartialFC(ArcFace(), 128, 5000, fp16=fp16, comm=comm, storage_dtype=storage_dtype, chunk_rows=1024)
     reduced.weight.copy_(exact.weight)
-    (loss_exact, grad_exact), (loss_reduced, grad_reduced) = (_one_step(head, embeddings, labels)
-                                                             for head in (exact, reduced))
+    (loss_exact, grad_exact), (loss_reduced, grad_reduced) = (
+        _one_step(head, embeddings, labels) for head in (exact, reduced)
+    )
     assert grad_reduced.dtype == torch.float32 and grad_reduced.device.type == DEVICE.type
     assert abs(loss_reduced - loss_exact) < 2e-2 * loss_exact
     assert 0 < relative_error(grad_reduced, grad_exact) < 5e-2
@@ -111,12 +122,27 @@ STEPS = 3
 
 
 def _train(tmp_path: Path, name: str, scaler: bool = False, **settings) -> tuple[Trainer, object, list[float]]:
-    values = dict(rec="synthetic", network="r10_nano", embedding_size=32, batch_size=8, num_classes=50,
-                  num_image=8 * STEPS, num_epoch=1, warmup_epoch=0, sample_rate=0.5, num_workers=0, frequent=1,
-                  verbose=1000, val_targets="[]", output=tmp_path / name, lr=0.05)
+    values = dict(
+        rec="synthetic",
+        network="r10_nano",
+        embedding_size=32,
+        batch_size=8,
+        num_classes=50,
+        num_image=8 * STEPS,
+        num_epoch=1,
+        warmup_epoch=0,
+        sample_rate=0.5,
+        num_workers=0,
+        frequent=1,
+        verbose=1000,
+        val_targets="[]",
+        output=tmp_path / name,
+        lr=0.05,
+    )
     values.update(settings)
-    trainer = Trainer(load_config("synthetic", [f"{key}={value}" for key, value in values.items()], environ={}),
-                      DeviceCommunicator())
+    trainer = Trainer(
+        load_config("synthetic", [f"{key}={value}" for key, value in values.items()], environ={}), DeviceCommunicator()
+    )
     if scaler and DEVICE.type == "cpu":  # CUDA's is made by the trainer itself for fp16 on a GPU
         trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     result = trainer.fit()
@@ -133,8 +159,9 @@ def float32_losses(tmp_path_factory) -> list[float]:
 
 def test_fp16_autocast_channels_last_training_with_the_grad_scaler(tmp_path, float32_losses):
     exact_losses = float32_losses
-    trainer, result, losses = _train(tmp_path, "fp16", scaler=True, fp16="true", amp_dtype="float16",
-                                     channels_last="true")
+    trainer, result, losses = _train(
+        tmp_path, "fp16", scaler=True, fp16="true", amp_dtype="float16", channels_last="true"
+    )
     assert trainer.scaler is not None and trainer.amp_dtype == torch.float16
     assert result.steps == STEPS and result.skipped_steps == 0
     assert all(torch.isfinite(torch.tensor(losses))) and len(losses) == STEPS

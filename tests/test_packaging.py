@@ -33,15 +33,36 @@ def test_an_installed_package_loads_its_named_configs(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     site = tmp_path / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                              "--no-build-isolation", "--target", str(site), str(source)],
-                             capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
     shutil.rmtree(source)  # the installed copy must stand on its own
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    probe = subprocess.run([sys.executable, "-c", PROBE], cwd=outside, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": str(site), "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(site), "XDG_CACHE_HOME": str(tmp_path / "cache")},
+    )
     assert probe.returncode == 0, probe.stderr
     found = json.loads(probe.stdout)
     assert Path(found["package"]).resolve() == (site / "partial_fc" / "__init__.py").resolve()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -106,45 +106,64 @@ def _iresnet(layers: Sequence[int], num_features: int, dropout: float, fp16: boo
 
 
 @register_model
-def r18(*, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = False) -> IResNet:
+def r18(
+    *, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = False
+) -> IResNet:
     """IResNet-18: stages of 2, 2, 2, 2 blocks."""
     return _iresnet((2, 2, 2, 2), num_features, dropout, fp16, using_checkpoint)
 
 
 @register_model
-def r34(*, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = False) -> IResNet:
+def r34(
+    *, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = False
+) -> IResNet:
     """IResNet-34: stages of 3, 4, 6, 3 blocks."""
     return _iresnet((3, 4, 6, 3), num_features, dropout, fp16, using_checkpoint)
 
 
 @register_model
-def r50(*, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = False) -> IResNet:
+def r50(
+    *, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = False
+) -> IResNet:
     """IResNet-50: stages of 3, 4, 14, 3 blocks."""
     return _iresnet((3, 4, 14, 3), num_features, dropout, fp16, using_checkpoint)
 
 
 @register_model
-def r100(*, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = False) -> IResNet:
+def r100(
+    *, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = False
+) -> IResNet:
     """IResNet-100: stages of 3, 13, 30, 3 blocks."""
     return _iresnet((3, 13, 30, 3), num_features, dropout, fp16, using_checkpoint)
 
 
 @register_model
-def r200(*, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = False) -> IResNet:
+def r200(
+    *, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = False
+) -> IResNet:
     """IResNet-200: stages of 6, 26, 60, 6 blocks."""
     return _iresnet((6, 26, 60, 6), num_features, dropout, fp16, using_checkpoint)
 
 
 @register_model
-def r2060(*, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = True) -> IResNet:
+def r2060(
+    *, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = True
+) -> IResNet:
     """IResNet-2060: stages of 3, 128, 896, 3 blocks; checkpointed in training by default, as arcface_torch does."""
     return _iresnet((3, 128, 896, 3), num_features, dropout, fp16, using_checkpoint)
 
 
 @register_model
-def r10_nano(*, num_features: int = 512, dropout: float = 0.0, fp16: bool = False,
-             using_checkpoint: bool = False) -> IResNet:
+def r10_nano(
+    *, num_features: int = 512, dropout: float = 0.0, fp16: bool = False, using_checkpoint: bool = False
+) -> IResNet:
     """A narrow IResNet (one block per stage, 8 to 64 channels, ~1/150 of r18's multiply-adds) for CPU smoke
     runs and the synthetic main job: not an arcface_torch network, so no published weights exist for it."""
-    return IResNet((1, 1, 1, 1), num_features=num_features, dropout=dropout, fp16=fp16,
-                   using_checkpoint=using_checkpoint, widths=(8, 16, 32, 64))
+    return IResNet(
+        (1, 1, 1, 1),
+        num_features=num_features,
+        dropout=dropout,
+        fp16=fp16,
+        using_checkpoint=using_checkpoint,
+        widths=(8, 16, 32, 64),
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -13,12 +13,26 @@ from partial_fc.backbones.registry import body_autocast, register_model
 class ConvUnit(nn.Module):
     """Conv, BN and (unless linear) a per-channel PReLU, held in `.layers` as arcface_torch names them."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1, groups: int = 1,
-                 linear: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        linear: bool = False,
+    ):
         super().__init__()
         parts: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=1 if kernel == 3 else 0,
-                      groups=groups, bias=False),
+            nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel,
+                stride=stride,
+                padding=1 if kernel == 3 else 0,
+                groups=groups,
+                bias=False,
+            ),
             nn.BatchNorm2d(out_channels),
         ]
         if not linear:
@@ -51,7 +65,9 @@ class ResidualStack(nn.Module):
 
     def __init__(self, channels: int, depth: int, hidden: int):
         super().__init__()
-        self.layers = nn.Sequential(*(InvertedBottleneck(channels, channels, hidden, residual=True) for _ in range(depth)))
+        self.layers = nn.Sequential(
+            *(InvertedBottleneck(channels, channels, hidden, residual=True) for _ in range(depth))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -78,8 +94,14 @@ class GlobalDepthwiseHead(nn.Module):
 class MobileFaceNet(nn.Module):
     """MobileFaceNet for 112x112 faces; `blocks` are the residual depths of the four stages, `scale` widens it."""
 
-    def __init__(self, num_features: int = 512, blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 2,
-                 dropout: float = 0.0, fp16: bool = False):
+    def __init__(
+        self,
+        num_features: int = 512,
+        blocks: Sequence[int] = (1, 4, 6, 2),
+        scale: int = 2,
+        dropout: float = 0.0,
+        fp16: bool = False,
+    ):
         super().__init__()
         self.fp16 = fp16
         wide, wider = 64 * scale, 128 * scale
@@ -87,16 +109,18 @@ class MobileFaceNet(nn.Module):
             second: nn.Module = ConvUnit(wide, wide, kernel=3, groups=64)
         else:
             second = ResidualStack(wide, blocks[0], hidden=128)
-        self.layers = nn.ModuleList([
-            ConvUnit(3, wide, kernel=3, stride=2),
-            second,
-            InvertedBottleneck(wide, wide, hidden=128, stride=2),
-            ResidualStack(wide, blocks[1], hidden=128),
-            InvertedBottleneck(wide, wider, hidden=256, stride=2),
-            ResidualStack(wider, blocks[2], hidden=256),
-            InvertedBottleneck(wider, wider, hidden=512, stride=2),
-            ResidualStack(wider, blocks[3], hidden=256),
-        ])
+        self.layers = nn.ModuleList(
+            [
+                ConvUnit(3, wide, kernel=3, stride=2),
+                second,
+                InvertedBottleneck(wide, wide, hidden=128, stride=2),
+                ResidualStack(wide, blocks[1], hidden=128),
+                InvertedBottleneck(wide, wider, hidden=256, stride=2),
+                ResidualStack(wider, blocks[2], hidden=256),
+                InvertedBottleneck(wider, wider, hidden=512, stride=2),
+                ResidualStack(wider, blocks[3], hidden=256),
+            ]
+        )
         self.conv_sep = ConvUnit(wider, 512)
         self.features = GlobalDepthwiseHead(num_features, dropout)
         self._reset_parameters()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
-from typing import Callable, ContextManager, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ def get_model(
     return model
 
 
-def body_autocast(x: torch.Tensor, enabled: bool) -> ContextManager:
+def body_autocast(x: torch.Tensor, enabled: bool) -> contextlib.AbstractContextManager:
     """Autocast context for a backbone body: float16 on CUDA, bfloat16 on CPU, nothing elsewhere or when off."""
     if not enabled or x.device.type not in ("cuda", "cpu"):
         return contextlib.nullcontext()

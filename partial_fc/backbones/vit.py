@@ -8,7 +8,6 @@ dropped before the blocks and replaced by a learned mask token after them; block
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from partial_fc.backbones.registry import body_autocast, register_model
 from partial_fc.errors import InputError
 
 
-def _full_precision(x: torch.Tensor) -> ContextManager:
+def _full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Turn autocast off inside a body that runs under it."""
     if x.device.type in ("cuda", "cpu"):
         return torch.autocast(device_type=x.device.type, enabled=False)
@@ -205,16 +204,31 @@ _VARIANTS = {
 
 
 def _register_variant(name: str, embed_dim: int, depth: int, drop_path: float, mask: float, ckpt: bool) -> None:
-    def factory(*, num_features: int = 512, dropout: float = 0.0, fp16: bool = False,
-                drop_path_rate: float = drop_path, mask_ratio: float = mask,
-                using_checkpoint: bool = ckpt) -> VisionTransformer:
-        return VisionTransformer(num_features, embed_dim=embed_dim, depth=depth, drop_rate=dropout,
-                                 drop_path_rate=drop_path_rate, mask_ratio=mask_ratio,
-                                 using_checkpoint=using_checkpoint, fp16=fp16)
+    def factory(
+        *,
+        num_features: int = 512,
+        dropout: float = 0.0,
+        fp16: bool = False,
+        drop_path_rate: float = drop_path,
+        mask_ratio: float = mask,
+        using_checkpoint: bool = ckpt,
+    ) -> VisionTransformer:
+        return VisionTransformer(
+            num_features,
+            embed_dim=embed_dim,
+            depth=depth,
+            drop_rate=dropout,
+            drop_path_rate=drop_path_rate,
+            mask_ratio=mask_ratio,
+            using_checkpoint=using_checkpoint,
+            fp16=fp16,
+        )
 
     factory.__name__ = name
-    factory.__doc__ = (f"ViT {name}: width {embed_dim}, depth {depth}, 8 heads, drop path {drop_path}, "
-                       f"patch masking {mask} in training.")
+    factory.__doc__ = (
+        f"ViT {name}: width {embed_dim}, depth {depth}, 8 heads, drop path {drop_path}, "
+        f"patch masking {mask} in training."
+    )
     register_model(factory, name=name)
 
 

@@ -19,7 +19,7 @@ _NESTED_STATE_KEYS = ("state_dict_backbone", "state_dict")
 def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` without the `module.` prefix DataParallel / DistributedDataParallel put on every key."""
     if state and all(key.startswith("module.") for key in state):
-        return {key[len("module."):]: value for key, value in state.items()}
+        return {key[len("module.") :]: value for key, value in state.items()}
     return dict(state)
 
 
@@ -33,8 +33,11 @@ def load_backbone_state(path: PathLike) -> dict[str, torch.Tensor]:
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items())
+    ):
         raise InputError(f"{path} is not a backbone state dict (a mapping of parameter names to tensors)")
     return strip_module_prefix(state)
 
@@ -51,20 +54,33 @@ def check_state_matches(state: dict[str, torch.Tensor], model: nn.Module, weight
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        parts = [f"{label} {len(keys)} key(s): {_first(keys)}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        parts = [
+            f"{label} {len(keys)} key(s): {_first(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
         raise InputError(f"{weights}: weights do not match network {network!r} ({'; '.join(parts)})")
     misshaped = [name for name, value in state.items() if tuple(value.shape) != tuple(expected[name].shape)]
     if misshaped:
-        details = [f"{name} {list(state[name].shape)} in the file, {list(expected[name].shape)} in the network"
-                   for name in misshaped[:_SHOWN]]
+        details = [
+            f"{name} {list(state[name].shape)} in the file, {list(expected[name].shape)} in the network"
+            for name in misshaped[:_SHOWN]
+        ]
         size = getattr(model, "embedding_size", None)
-        sizes = {int(state[name].shape[0]) for name in misshaped
-                 if expected[name].dim() >= 1 and state[name].dim() >= 1 and expected[name].shape[0] == size}
-        hint = f"; the file's embedding size looks like {sizes.pop()}, not {size} (--embedding-size)" \
-            if len(sizes) == 1 else ""
-        raise InputError(f"{weights}: weights do not match network {network!r} "
-                         f"({len(misshaped)} tensor(s) of another shape: {'; '.join(details)}){hint}")
+        sizes = {
+            int(state[name].shape[0])
+            for name in misshaped
+            if expected[name].dim() >= 1 and state[name].dim() >= 1 and expected[name].shape[0] == size
+        }
+        hint = (
+            f"; the file's embedding size looks like {sizes.pop()}, not {size} (--embedding-size)"
+            if len(sizes) == 1
+            else ""
+        )
+        raise InputError(
+            f"{weights}: weights do not match network {network!r} "
+            f"({len(misshaped)} tensor(s) of another shape: {'; '.join(details)}){hint}"
+        )
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: str, network: str) -> nn.Module:

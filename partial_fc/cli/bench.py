@@ -1,4 +1,5 @@
-"""`partial-fc bench head` (and the dispatch to `bench data`): time the head's step by phase against the floor of its three matrix products.
+"""`partial-fc bench head` (and the dispatch to `bench data`): time the head's step by phase against the floor
+of its three matrix products.
 
 Prints one JSON line: median seconds of forward, backward and center update; the median of the same
 step's three products alone (W X^T, G^T W, G X at the sampled size, in the head's [classes, batch]
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -26,8 +27,15 @@ from partial_fc.heads import PartialFC, SparseSGD
 from partial_fc.heads.partial_fc import default_chunk_rows
 from partial_fc.heads.sharding import shard_range
 from partial_fc.perf.conditions import BenchConditions, print_warnings
-from partial_fc.perf.memory import GIB, available_bytes_per_rank, does_not_fit_message, estimate_head_memory
-from partial_fc.perf.memory import in_use_bytes, peak_bytes, reset_peak
+from partial_fc.perf.memory import (
+    GIB,
+    available_bytes_per_rank,
+    does_not_fit_message,
+    estimate_head_memory,
+    in_use_bytes,
+    peak_bytes,
+    reset_peak,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,15 +46,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     head.add_argument(
         "--update-in-step",
         action="store_true",
-        help="keep the sampled rows' gradient for step() (the gradient-accumulation mode) instead of updating in backward",
+        help="keep the sampled rows' gradient for step() (the gradient-accumulation mode) "
+        "instead of updating in backward",
     )
-    head.add_argument("--reference-repeats", type=int, default=3,
-                      help="timings of the matmul floor alone at start, before the head exists (the loaded-machine check)")
-    head.add_argument("--force", action="store_true",
-                      help="run even when the estimated memory per rank exceeds what is available")
+    head.add_argument(
+        "--reference-repeats",
+        type=int,
+        default=3,
+        help="timings of the matmul floor alone at start, before the head exists (the loaded-machine check)",
+    )
+    head.add_argument(
+        "--force", action="store_true", help="run even when the estimated memory per rank exceeds what is available"
+    )
     head.set_defaults(steps=10)
     bench_data.add_arguments(sub.add_parser("data", help="images per second per worker for read, decode, augment"))
-    bench_ijb.add_arguments(sub.add_parser("eval-ijb", help="IJB images/s (align + embed + flip) and pairs/s of scoring"))
+    bench_ijb.add_arguments(
+        sub.add_parser("eval-ijb", help="IJB images/s (align + embed + flip) and pairs/s of scoring")
+    )
 
 
 def _synchronize(device: torch.device) -> None:
@@ -148,8 +164,9 @@ def _warm_up_process(args: argparse.Namespace, comm: Communicator) -> None:
     are paid before the memory it holds is read as the baseline of the estimate."""
     tiny = argparse.Namespace(**{**vars(args), "classes": 2 * comm.world_size, "dim": 8, "sample_rate": 1.0})
     head = head_from_options(tiny, comm)
-    optimizer = center_sgd_from_options(args, head, lr=0.1, momentum=0.9, weight_decay=5e-4,
-                                        update_in_backward=not args.update_in_step)
+    optimizer = center_sgd_from_options(
+        args, head, lr=0.1, momentum=0.9, weight_decay=5e-4, update_in_backward=not args.update_in_step
+    )
     embeddings = torch.randn(2, 8, device=comm.device, requires_grad=True)
     head(embeddings, torch.zeros(2, dtype=torch.int64, device=comm.device)).backward()
     optimizer.step()
@@ -175,15 +192,27 @@ def _description(args: argparse.Namespace, comm: Communicator) -> dict:
 def _memory_plan(args: argparse.Namespace, comm: Communicator) -> dict:
     """The estimated peak per rank (this process's memory now + the head's), what is available, whether it fits
     (every rank's answer; the collective also keeps every rank from allocating before all have looked)."""
-    head = estimate_head_memory(args.classes, args.dim, args.batch * comm.world_size, args.sample_rate,
-                                comm.world_size, args.storage_dtype, getattr(args, "momentum_dtype", None),
-                                update_in_step=args.update_in_step, fp16=args.fp16,
-                                chunk_rows=default_chunk_rows(comm.device))
+    head = estimate_head_memory(
+        args.classes,
+        args.dim,
+        args.batch * comm.world_size,
+        args.sample_rate,
+        comm.world_size,
+        args.storage_dtype,
+        getattr(args, "momentum_dtype", None),
+        update_in_step=args.update_in_step,
+        fp16=args.fp16,
+        chunk_rows=default_chunk_rows(comm.device),
+    )
     needed = in_use_bytes(comm.device) + head.total
     available = available_bytes_per_rank(comm.device)
     needed, least_available = _max_over_ranks(comm, needed, -available)
-    return {"needed": needed, "available": -least_available, "fits": needed <= -least_available,
-            "head_gib": head.gib()["total"]}
+    return {
+        "needed": needed,
+        "available": -least_available,
+        "fits": needed <= -least_available,
+        "head_gib": head.gib()["total"],
+    }
 
 
 def run_head(args: argparse.Namespace) -> int:
@@ -192,8 +221,10 @@ def run_head(args: argparse.Namespace) -> int:
     conditions = BenchConditions(comm.world_size)
     _warm_up_process(args, comm)
     plan = _memory_plan(args, comm)
-    memory = {"estimated_memory_gib": round(plan["needed"] / GIB, 3),
-              "available_memory_gib": round(plan["available"] / GIB, 3)}
+    memory = {
+        "estimated_memory_gib": round(plan["needed"] / GIB, 3),
+        "available_memory_gib": round(plan["available"] / GIB, 3),
+    }
     if not plan["fits"] and not args.force:
         message = does_not_fit_message(plan["needed"], plan["available"])
         result = {**_description(args, comm), **memory, "fits": False, "message": message, **conditions.finish()}
@@ -206,8 +237,9 @@ def run_head(args: argparse.Namespace) -> int:
     reset_peak(device)
     baseline = in_use_bytes(device)
     head = head_from_options(args, comm)
-    optimizer = center_sgd_from_options(args, head, lr=0.1, momentum=0.9, weight_decay=5e-4,
-                                        update_in_backward=not args.update_in_step)
+    optimizer = center_sgd_from_options(
+        args, head, lr=0.1, momentum=0.9, weight_decay=5e-4, update_in_backward=not args.update_in_step
+    )
     generator = torch.Generator(device=device).manual_seed(args.seed + 1000 * comm.rank)
     # Warm-up steps reach the steady working set; the peak is read before the floor's buffers exist.
     for _ in range(max(2, args.warmup)):
@@ -224,7 +256,8 @@ def run_head(args: argparse.Namespace) -> int:
     medians = {name: statistics.median(values) for name, values in phases.items()}
     step_seconds = medians["forward"] + medians["backward"] + medians["update"]
     step_seconds, floor_seconds, reference_seconds, slowdown, wait_share = _max_over_ranks(
-        comm, step_seconds, medians["floor"], reference, medians["floor"] / reference, conditions.wait_share())
+        comm, step_seconds, medians["floor"], reference, medians["floor"] / reference, conditions.wait_share()
+    )
     conditions.record_floor(reference_seconds, floor_seconds, slowdown)
     result = {
         **_description(args, comm),

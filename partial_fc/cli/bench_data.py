@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -67,14 +67,17 @@ def run(args: argparse.Namespace) -> int:
             decode_into(payload, slots[i % args.batch])
 
     flipped = len(batches) * args.batch
-    figures = _rates({
-        "plain_read_imdecode": (count, plain),
-        "read": (count, lambda: [unpack(reader.read(key)) for key in keys]),
-        "decode": (count, decode),
-        "flip": (flipped, lambda: [flip_images(slots, flags) for _ in batches]),
-        "pipeline": (count, lambda: [dataset.__getitems__(batch) for batch in batches]),
-        "normalize_cpu": (count, lambda: [normalize_images(images) for images in uint8_batches]),
-    }, args.repeats)
+    figures = _rates(
+        {
+            "plain_read_imdecode": (count, plain),
+            "read": (count, lambda: [unpack(reader.read(key)) for key in keys]),
+            "decode": (count, decode),
+            "flip": (flipped, lambda: [flip_images(slots, flags) for _ in batches]),
+            "pipeline": (count, lambda: [dataset.__getitems__(batch) for batch in batches]),
+            "normalize_cpu": (count, lambda: [normalize_images(images) for images in uint8_batches]),
+        },
+        args.repeats,
+    )
     conditions.sample()
     if args.workers > 0:
         sampler = DistributedEpochSampler(count, seed=0)

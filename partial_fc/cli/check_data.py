@@ -16,10 +16,19 @@ from partial_fc.progress import Progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rec", required=True, metavar="DIR",
-                        help="a folder holding train.rec/.idx, a .rec file, or an image folder (<identity>/*.jpg)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
-                        help="processes checking ranges of records (default: one per CPU)")
+    parser.add_argument(
+        "--rec",
+        required=True,
+        metavar="DIR",
+        help="a folder holding train.rec/.idx, a .rec file, or an image folder (<identity>/*.jpg)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="processes checking ranges of records (default: one per CPU)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 
 
@@ -32,6 +41,16 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     for record in report.bad:
         print(f"bad record: {record}", flush=True)
-    print(json.dumps({"job": "check-data", "rec": report.source, "records": report.records, "bad": len(report.bad),
-                      "seconds": round(report.seconds, 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "job": "check-data",
+                "rec": report.source,
+                "records": report.records,
+                "bad": len(report.bad),
+                "seconds": round(report.seconds, 3),
+            }
+        ),
+        flush=True,
+    )
     return 1 if report.bad else 0

@@ -66,13 +66,20 @@ def head_from_options(args: argparse.Namespace, comm: Communicator) -> PartialFC
     )
 
 
-def center_sgd_from_options(args: argparse.Namespace, head: PartialFC, lr: float, momentum: float,
-                            weight_decay: float, update_in_backward: bool) -> SparseSGD:
+def center_sgd_from_options(
+    args: argparse.Namespace, head: PartialFC, lr: float, momentum: float, weight_decay: float, update_in_backward: bool
+) -> SparseSGD:
     """SparseSGD for `head` with the momentum `--momentum-dtype` asks for (none: no momentum at all)."""
     kind = getattr(args, "momentum_dtype", None) or "storage"
     plain = kind == "none"
-    return SparseSGD(head, lr=lr, momentum=0.0 if plain else momentum, weight_decay=weight_decay,
-                     update_in_backward=update_in_backward, momentum_dtype="storage" if plain else kind)
+    return SparseSGD(
+        head,
+        lr=lr,
+        momentum=0.0 if plain else momentum,
+        weight_decay=weight_decay,
+        update_in_backward=update_in_backward,
+        momentum_dtype="storage" if plain else kind,
+    )
 
 
 def print_rank0(comm: Communicator, message: Any) -> None:

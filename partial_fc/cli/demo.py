@@ -27,9 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--log-every", type=int, default=10)
-    parser.set_defaults(
-        classes=2000, dim=64, batch=128, sample_rate=0.2, steps=150, margin="cosface", scale=32.0
-    )
+    parser.set_defaults(classes=2000, dim=64, batch=128, sample_rate=0.2, steps=150, margin="cosface", scale=32.0)
 
 
 class ToyBackbone(nn.Module):
@@ -54,7 +52,9 @@ class SeparableIdentities:
 
     def global_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.randint(0, self.prototypes.shape[0], (size,), generator=self.generator)
-        inputs = self.prototypes[labels] + self.noise * torch.randn(size, self.prototypes.shape[1], generator=self.generator)
+        inputs = self.prototypes[labels] + self.noise * torch.randn(
+            size, self.prototypes.shape[1], generator=self.generator
+        )
         return inputs.to(self.device), labels.to(self.device)
 
 
@@ -73,13 +73,18 @@ def run(args: argparse.Namespace) -> int:
     device = comm.device
     head = head_from_options(args, comm)
     backbone = ToyBackbone(args.input_dim, args.dim).to(device)
-    optimizer = torch.optim.SGD(backbone.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(
+        backbone.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
     replicas = distribute_backbone(backbone, optimizer, comm)
     backbone, optimizer = replicas.module, replicas.optimizer
     center_optimizer = SparseSGD(head, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     data = SeparableIdentities(args.classes, args.input_dim, args.noise, args.seed, device)
-    print_rank0(comm, f"demo: {comm.world_size} rank(s) on {comm.name}, {args.classes} identities, "
-                      f"batch {args.batch} per rank, sample rate {args.sample_rate}")
+    print_rank0(
+        comm,
+        f"demo: {comm.world_size} rank(s) on {comm.name}, {args.classes} identities, "
+        f"batch {args.batch} per rank, sample rate {args.sample_rate}",
+    )
     losses = []
     started = time.perf_counter()
     for step in range(1, args.steps + 1):

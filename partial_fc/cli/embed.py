@@ -17,8 +17,8 @@ import torch
 from partial_fc.cli.weights import load_backbone, pick_device
 from partial_fc.data.decode import decode_rgb, normalize_images
 from partial_fc.errors import InputError, MissingInputError
-from partial_fc.fileio import atomic_path
 from partial_fc.export import onnx_session, run_onnx
+from partial_fc.fileio import atomic_path
 
 IMAGE_SIZE = (112, 112)
 SHOWN_VALUES = 4
@@ -52,8 +52,11 @@ def load_images(paths: list[str]) -> torch.Tensor:
         if rgb.shape[:2] == IMAGE_SIZE:
             pixels[slot] = rgb
         else:
-            print(f"{path}: resized from {rgb.shape[1]}x{rgb.shape[0]} to {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{path}: resized from {rgb.shape[1]}x{rgb.shape[0]} to {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]}",
+                file=sys.stderr,
+                flush=True,
+            )
             cv2.resize(rgb, (IMAGE_SIZE[1], IMAGE_SIZE[0]), dst=pixels[slot], interpolation=cv2.INTER_LINEAR)
     return normalize_images(torch.from_numpy(pixels)).contiguous()
 
@@ -63,11 +66,11 @@ def embed(images: torch.Tensor, args: argparse.Namespace) -> np.ndarray:
     chunks = range(0, images.shape[0], args.batch_size)
     if args.onnx:
         session = onnx_session(args.onnx)
-        return np.concatenate([run_onnx(session, images[i:i + args.batch_size]) for i in chunks])
+        return np.concatenate([run_onnx(session, images[i : i + args.batch_size]) for i in chunks])
     device = pick_device(args.device)
     model = load_backbone(args.weights, args.network, args.embedding_size).to(device)
     with torch.no_grad():
-        return torch.cat([model(images[i:i + args.batch_size].to(device)).float().cpu() for i in chunks]).numpy()
+        return torch.cat([model(images[i : i + args.batch_size].to(device)).float().cpu() for i in chunks]).numpy()
 
 
 def run(args: argparse.Namespace) -> int:

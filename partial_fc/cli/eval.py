@@ -29,10 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="backbone.pth, a checkpoint folder or a checkpoint root")
     parser.add_argument("--network", required=True, help="backbone name (r50, mbf, vit_t, ...)")
     parser.add_argument("--embedding-size", type=int, default=512)
-    parser.add_argument("--bin", action="append", default=[], metavar="FILE",
-                        help="an insightface .bin verification set (lfw.bin, ...); repeatable")
-    parser.add_argument("--pairs", action="append", default=[], metavar="LIST:ROOT",
-                        help="a pair list of 'path1 path2 issame' lines and the folder its paths are under; repeatable")
+    parser.add_argument(
+        "--bin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an insightface .bin verification set (lfw.bin, ...); repeatable",
+    )
+    parser.add_argument(
+        "--pairs",
+        action="append",
+        default=[],
+        metavar="LIST:ROOT",
+        help="a pair list of 'path1 path2 issame' lines and the folder its paths are under; repeatable",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--roc-dir", default=None, help="write <set>_roc.png here for each set")
@@ -106,9 +116,12 @@ def report(name: str, source: str, result: VerificationResult, negatives: int, r
         "fold_accuracies": result.fold_accuracies.tolist(),
         "threshold": result.threshold,
         "tar_at_far": {
-            f"{far:.0e}": {"tar": _finite(point.tar), "threshold": _finite(point.threshold),
-                           "achieved_far": _finite(point.achieved_far),
-                           "resolvable": not _far_note(far, negatives)}
+            f"{far:.0e}": {
+                "tar": _finite(point.tar),
+                "threshold": _finite(point.threshold),
+                "achieved_far": _finite(point.achieved_far),
+                "resolvable": not _far_note(far, negatives),
+            }
             for far, point in result.tar_at_far.items()
         },
         "xnorm": result.xnorm,
@@ -117,13 +130,18 @@ def report(name: str, source: str, result: VerificationResult, negatives: int, r
 
 
 def _text(entry: dict) -> str:
-    lines = [f"{entry['set']} ({entry['source']}): {entry['pairs']} pairs, {entry['positive_pairs']} same, "
-             f"{entry['negative_pairs']} different",
-             f"  accuracy      {entry['accuracy']:.5f} ± {entry['accuracy_std']:.5f}  (10 folds, with flip)",
-             f"  threshold     {entry['threshold']:.2f}"]
+    lines = [
+        f"{entry['set']} ({entry['source']}): {entry['pairs']} pairs, {entry['positive_pairs']} same, "
+        f"{entry['negative_pairs']} different",
+        f"  accuracy      {entry['accuracy']:.5f} ± {entry['accuracy_std']:.5f}  (10 folds, with flip)",
+        f"  threshold     {entry['threshold']:.2f}",
+    ]
     for far, point in entry["tar_at_far"].items():
-        note = "" if point["resolvable"] else f"  ({_far_note(float(far), entry['negative_pairs'])}; " \
-                                               f"achieved FAR {point['achieved_far']:.3g})"
+        note = (
+            ""
+            if point["resolvable"]
+            else f"  ({_far_note(float(far), entry['negative_pairs'])}; achieved FAR {point['achieved_far']:.3g})"
+        )
         tar = "n/a" if point["tar"] is None else f"{point['tar']:.5f}"
         lines.append(f"  TAR@FAR={far} {tar}{note}")
     lines.append(f"  xnorm         {entry['xnorm']:.5g}")
@@ -152,8 +170,12 @@ def run(args: argparse.Namespace) -> int:
         if args.roc_dir:
             dist, _ = pair_distances(embeddings, flips)
             roc_path = os.path.join(args.roc_dir, f"{pair_set.name}_roc.png")
-            plot_roc({f"{args.network} on {pair_set.name}": roc_curve(dist, issame)}, roc_path,
-                     title=f"ROC: {pair_set.name} ({result.num_pairs} pairs)", mark_fars=FARS)
+            plot_roc(
+                {f"{args.network} on {pair_set.name}": roc_curve(dist, issame)},
+                roc_path,
+                title=f"ROC: {pair_set.name} ({result.num_pairs} pairs)",
+                mark_fars=FARS,
+            )
         entry = report(pair_set.name, pair_set.source, result, negatives, roc_path)
         print(json.dumps(entry) if args.json else _text(entry), flush=True)
     return 0

@@ -72,25 +72,36 @@ def tables(result: dict) -> str:
     """The published-style tables of one result, in percent."""
     v = result["verification"]
     head = "".join(f"{far:>9}" for far in v["tar_at_far"])
-    lines = [f"{result['target']} 1:1 verification: {v['pairs']} pairs ({v['positive_pairs']} same, "
-             f"{v['negative_pairs']} different), {result['templates']} templates, {result['images']} images, "
-             f"faceness {'on' if result['faceness'] else 'off'}",
-             f"{'TAR (%) @ FAR':<44}{head}",
-             f"{'  ROC point nearest the FAR (eval_ijbc.py)':<44}"
-             + "".join(f"{_percent(p['published']):>9}" for p in v["tar_at_far"].values()),
-             f"{'  best at FAR <= target (-: below 1 pair)':<44}"
-             + "".join(f"{_percent(p['strict']):>9}" for p in v["tar_at_far"].values())]
+    lines = [
+        f"{result['target']} 1:1 verification: {v['pairs']} pairs ({v['positive_pairs']} same, "
+        f"{v['negative_pairs']} different), {result['templates']} templates, {result['images']} images, "
+        f"faceness {'on' if result['faceness'] else 'off'}",
+        f"{'TAR (%) @ FAR':<44}{head}",
+        f"{'  ROC point nearest the FAR (eval_ijbc.py)':<44}"
+        + "".join(f"{_percent(p['published']):>9}" for p in v["tar_at_far"].values()),
+        f"{'  best at FAR <= target (-: below 1 pair)':<44}"
+        + "".join(f"{_percent(p['strict']):>9}" for p in v["tar_at_far"].values()),
+    ]
     ident = result.get("identification")
     if ident:
         fpirs = "".join(f"{'TPIR@' + format(f, 'g'):>12}" for f in FPIRS)
-        lines += ["", f"{result['target']} 1:N identification: {ident['probes']} probe templates (%)",
-                  f"{'gallery':<10}{'mated':>8}" + "".join(f"{'rank-' + str(k):>9}" for k in RANKS) + fpirs]
+        lines += [
+            "",
+            f"{result['target']} 1:N identification: {ident['probes']} probe templates (%)",
+            f"{'gallery':<10}{'mated':>8}" + "".join(f"{'rank-' + str(k):>9}" for k in RANKS) + fpirs,
+        ]
         for name, g in ident["galleries"].items():
-            lines.append(f"{name:<10}{g['mated_probes']:>8}" + "".join(f"{_percent(g['rank'][str(k)]):>9}" for k in RANKS)
-                         + "".join(f"{_percent(g['tpir_at_fpir'][format(f, 'g')]['tpir']):>12}" for f in FPIRS))
+            lines.append(
+                f"{name:<10}{g['mated_probes']:>8}"
+                + "".join(f"{_percent(g['rank'][str(k)]):>9}" for k in RANKS)
+                + "".join(f"{_percent(g['tpir_at_fpir'][format(f, 'g')]['tpir']):>12}" for f in FPIRS)
+            )
         mean = ident["mean"]
-        lines.append(f"{'mean':<10}{'':>8}" + "".join(f"{_percent(mean['rank'][str(k)]):>9}" for k in RANKS)
-                     + "".join(f"{_percent(mean['tpir_at_fpir'][format(f, 'g')]):>12}" for f in FPIRS))
+        lines.append(
+            f"{'mean':<10}{'':>8}"
+            + "".join(f"{_percent(mean['rank'][str(k)]):>9}" for k in RANKS)
+            + "".join(f"{_percent(mean['tpir_at_fpir'][format(f, 'g')]):>12}" for f in FPIRS)
+        )
     return "\n".join(lines)
 
 
@@ -99,8 +110,9 @@ def _features(args: argparse.Namespace, protocol, comm: Communicator, output: Pa
     if args.features:
         return load_features(Path(args.features), protocol.images) if comm.rank == 0 else None
     device = pick_device(args.device) if args.device else comm.device
-    features = image_features(_embedder(args, device), protocol.image_folder, protocol.images, comm,
-                              args.batch_size, device)
+    features = image_features(
+        _embedder(args, device), protocol.image_folder, protocol.images, comm, args.batch_size, device
+    )
     if comm.rank != 0:
         return None
     save_features(output / "features.npy", features, protocol.images)
@@ -119,8 +131,12 @@ def run(args: argparse.Namespace) -> int:
     if features is None:
         return 0
     result, curve = evaluate_protocol(protocol, features, use_faceness=not args.no_faceness)
-    plot_roc({f"{args.target} ({Path(args.features or args.onnx or args.weights).name})": curve},
-             output / "roc.png", title=f"ROC on {args.target} 1:1", mark_fars=FARS)
+    plot_roc(
+        {f"{args.target} ({Path(args.features or args.onnx or args.weights).name})": curve},
+        output / "roc.png",
+        title=f"ROC on {args.target} 1:1",
+        mark_fars=FARS,
+    )
     result["roc"] = str(output / "roc.png")
     result["features"] = str(Path(args.features) if args.features else output / "features.npy")
     with atomic_path(output / "results.json") as tmp:

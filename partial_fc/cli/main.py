@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from partial_fc import __version__
-from partial_fc.cli import align, bench, check_data, demo, im2rec, make_synthetic, rebuild_idx, train, unpack
-from partial_fc.cli import embed as embed_cli, eval as eval_cli, eval_ijb, export as export_cli
+from partial_fc.cli import align, bench, check_data, demo, eval_ijb, im2rec, make_synthetic, rebuild_idx, train, unpack
+from partial_fc.cli import embed as embed_cli
+from partial_fc.cli import eval as eval_cli
+from partial_fc.cli import export as export_cli
 from partial_fc.cli.common import fail
 from partial_fc.comm import close_communicator, exit_process
 from partial_fc.engine.preemption import TrainingPreempted
@@ -18,7 +20,10 @@ SUBCOMMANDS = {
     "demo": (demo, "train a small network and the Partial FC head on generated identities"),
     "bench": (bench, "benchmarks (bench head ...)"),
     "rebuild-idx": (rebuild_idx, "rebuild a lost .idx from its .rec"),
-    "check-data": (check_data, "check every record of a face set (framing, headers, labels, images); list the bad ones"),
+    "check-data": (
+        check_data,
+        "check every record of a face set (framing, headers, labels, images); list the bad ones",
+    ),
     "make-synthetic": (make_synthetic, "write a generated face set (RecordIO + .bin) with learnable identities"),
     "im2rec": (
         im2rec,
@@ -30,7 +35,10 @@ SUBCOMMANDS = {
         "RecordIO face sets -> id_<label>/<label>_<n>.jpg folders (unpack_glint360k.py)",
     ),
     "eval": (eval_cli, "verification accuracy, TAR@FAR and ROC of a trained backbone on .bin sets and pair lists"),
-    "eval-ijb": (eval_ijb, "IJB-B / IJB-C 1:1 TAR@FAR and 1:N identification of a backbone, as insightface publishes them"),
+    "eval-ijb": (
+        eval_ijb,
+        "IJB-B / IJB-C 1:1 TAR@FAR and 1:N identification of a backbone, as insightface publishes them",
+    ),
     "export": (export_cli, "a trained backbone as ONNX (dynamic batch), checked against torch with onnxruntime"),
     "embed": (embed_cli, "embeddings of image files, through the torch backbone or an exported ONNX model"),
 }

@@ -1,4 +1,5 @@
-"""`partial-fc rebuild-idx`: rebuild a lost `.idx` from its `.rec` (insightface face-set keys when the set has its header, else 0..N-1."""
+"""`partial-fc rebuild-idx`: rebuild a lost `.idx` from its `.rec` (insightface face-set keys when the set has
+its header, else 0..N-1)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ def run(args: argparse.Namespace) -> int:
     idx = args.idx or (args.rec[: -len(".rec")] if args.rec.endswith(".rec") else args.rec) + ".idx"
     started = time.perf_counter()
     records = rebuild_faceset_index(args.rec, idx)
-    print(json.dumps({"job": "rebuild-idx", "rec": args.rec, "idx": idx, "records": records,
-                      "seconds": round(time.perf_counter() - started, 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "job": "rebuild-idx",
+                "rec": args.rec,
+                "idx": idx,
+                "records": records,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        ),
+        flush=True,
+    )
     return 0

@@ -24,10 +24,20 @@ from partial_fc.perf.conditions import BenchConditions, print_warnings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", default="synthetic",
-                        help="a config file, or the name of one in partial_fc/configs/ (default: synthetic)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable)")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        default="synthetic",
+        help="a config file, or the name of one in partial_fc/configs/ (default: synthetic)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output")
     parser.add_argument("--perf-steps", type=int, metavar="N", help="time N steps (after 2 warm-up steps), then stop")
     parser.add_argument("--profile", action="store_true", help="write a torch.profiler trace to output/profile")
@@ -59,9 +69,16 @@ def run(args: argparse.Namespace) -> int:
         result = trainer.fit()
     finally:
         trainer.close()
-    summary = {"job": "train", "network": cfg.network, "embedding_size": cfg.embedding_size, "output": cfg.output,
-               "ranks": comm.world_size, "perf_steps": cfg.perf_steps,
-               "val_sets": [str(entry.path) for entry in trainer.verifier.sets], **dataclasses.asdict(result)}
+    summary = {
+        "job": "train",
+        "network": cfg.network,
+        "embedding_size": cfg.embedding_size,
+        "output": cfg.output,
+        "ranks": comm.world_size,
+        "perf_steps": cfg.perf_steps,
+        "val_sets": [str(entry.path) for entry in trainer.verifier.sets],
+        **dataclasses.asdict(result),
+    }
     if conditions is not None:
         summary.update(conditions.finish())
     print_rank0(comm, summary)

@@ -16,7 +16,9 @@ from partial_fc.data.unpack_to_folder import unpack_sets
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of insightface's unpack_glint360k.py, plus parallelism and chunking."""
-    parser.add_argument("--include", required=True, help="comma-separated set folders, each with train.rec and train.idx")
+    parser.add_argument(
+        "--include", required=True, help="comma-separated set folders, each with train.rec and train.idx"
+    )
     parser.add_argument("--output", required=True, help="output folder: id_<label>/<label>_<n>.jpg")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="reading and writing processes")
     parser.add_argument("--chunk-size", type=int, default=2048, help="image records per unit of work (and of resuming)")

@@ -11,6 +11,7 @@ from partial_fc.backbones.weights import load_backbone_state, load_weights
 from partial_fc.engine.checkpoint import backbone_weights_file
 from partial_fc.errors import InputError
 
+
 def pick_device(name: str | None) -> torch.device:
     """The torch device ``name`` (``--device``), or cuda when available and cpu otherwise."""
     if name is None:

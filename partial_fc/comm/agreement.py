@@ -3,7 +3,8 @@ no rank is left waiting in a collective the others have abandoned."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -25,8 +26,9 @@ def agree(comm: Communicator, error: BaseException | None, fallback: Fallback = 
     culprit = flags.index(1)
     described = None
     if comm.rank == culprit:
-        described = ((type(error), str(error)) if isinstance(error, PartialFCError)
-                     else (fallback, f"rank {culprit}: {error}"))
+        described = (
+            (type(error), str(error)) if isinstance(error, PartialFCError) else (fallback, f"rank {culprit}: {error}")
+        )
     kind, message = comm.broadcast_object(described, culprit)
     if comm.rank == culprit and isinstance(error, PartialFCError):
         raise error

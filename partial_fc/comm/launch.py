@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 BACKEND_ENV = "PARTIAL_FC_COMM"
 BACKENDS = ("auto", "horovod", "torch", "single")

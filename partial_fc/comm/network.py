@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 import psutil
 
@@ -27,16 +27,21 @@ def spans_hosts(env: Mapping[str, str]) -> bool:
 
 def _ipv4_addresses() -> dict[str, list[str]]:
     up = {name for name, stats in psutil.net_if_stats().items() if stats.isup}
-    return {name: [a.address for a in addresses if a.family == socket.AF_INET]
-            for name, addresses in psutil.net_if_addrs().items() if name in up}
+    return {
+        name: [a.address for a in addresses if a.family == socket.AF_INET]
+        for name, addresses in psutil.net_if_addrs().items()
+        if name in up
+    }
 
 
 def interface_address(name: str) -> str:
     """The IPv4 address of the interface `name` (which must be up)."""
     addresses = _ipv4_addresses()
     if not addresses.get(name):
-        raise NetworkError(f"network interface {name!r} has no IPv4 address here (up interfaces with one: "
-                           f"{', '.join(sorted(n for n, a in addresses.items() if a)) or 'none'})")
+        raise NetworkError(
+            f"network interface {name!r} has no IPv4 address here (up interfaces with one: "
+            f"{', '.join(sorted(n for n, a in addresses.items() if a)) or 'none'})"
+        )
     return addresses[name][0]
 
 
@@ -87,4 +92,3 @@ def rendezvous_host(env: Mapping[str, str]) -> str:
     if not spans_hosts(env):
         return "127.0.0.1"
     return outward_address()
-

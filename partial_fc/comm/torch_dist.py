@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,8 +54,13 @@ def _elastic_store(launch: LaunchInfo, timeout: timedelta) -> dist.Store | None:
         return None
     choose_interface(os.environ, os.environ["MASTER_ADDR"])
     hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), launch.world_size,
-                          is_master=launch.rank == 0 and not hosted_by_agent, timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        launch.world_size,
+        is_master=launch.rank == 0 and not hosted_by_agent,
+        timeout=timeout,
+    )
     return dist.PrefixStore(f"partial_fc/attempt_{attempt}", store)
 
 
@@ -71,8 +77,9 @@ class TorchDistributedCommunicator(Communicator):
             timeout = timedelta(seconds=timeout_s)
             store = _elastic_store(launch, timeout)
             rendezvous = {"store": store} if store is not None else {"init_method": _rendezvous_address(launch)}
-            dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout,
-                                    **rendezvous)
+            dist.init_process_group(
+                backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout, **rendezvous
+            )
         self._group = group
         self._rank = dist.get_rank(group)
         self._world_size = dist.get_world_size(group)

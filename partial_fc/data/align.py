@@ -53,7 +53,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         raise InputError(f"similarity_transform needs two [N, 2] point sets, got shapes {src.shape} and {dst.shape}")
     src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
     src_centered, dst_centered = src - src_mean, dst - dst_mean
-    src_variance = (src_centered ** 2).sum(axis=1).mean()
+    src_variance = (src_centered**2).sum(axis=1).mean()
     if src_variance <= 1e-12 * max(1.0, float(np.abs(src).max()) ** 2):
         raise InputError(f"landmarks are degenerate (all at one point): {src.tolist()}")
     covariance = dst_centered.T @ src_centered / len(src)

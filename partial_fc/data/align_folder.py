@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from multiprocessing import get_context
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -73,8 +73,16 @@ def _align_chunk(job: tuple[list[LandmarkEntry], str, str, str, int, int]) -> li
     return errors
 
 
-def align_folder(root: str, landmark_file: str, out: str, size: int = 112, workers: int = 1, skip_bad: bool = False,
-                 quality: int = 95, progress: bool = True) -> dict:
+def align_folder(
+    root: str,
+    landmark_file: str,
+    out: str,
+    size: int = 112,
+    workers: int = 1,
+    skip_bad: bool = False,
+    quality: int = 95,
+    progress: bool = True,
+) -> dict:
     """Align every image the landmark list names into `out` (same relative paths); returns the summary.
 
     A missing or undecodable image or a malformed line raises an InputError naming the file and line, or with
@@ -92,8 +100,10 @@ def align_folder(root: str, landmark_file: str, out: str, size: int = 112, worke
         raise InputError(f"{out}: the output folder must not be the image folder (the images would be overwritten)")
     entries, bad = read_landmark_file(landmark_file, skip_bad)
     chunk = max(1, min(_MAX_CHUNK, len(entries) // (4 * workers)))
-    jobs = [(entries[start:start + chunk], root, out, os.fspath(landmark_file), size, quality)
-            for start in range(0, len(entries), chunk)]
+    jobs = [
+        (entries[start : start + chunk], root, out, os.fspath(landmark_file), size, quality)
+        for start in range(0, len(entries), chunk)
+    ]
     bar = Progress(len(entries), "align", interval=1.0 if progress else float("inf"))
     written = 0
     try:
@@ -112,8 +122,14 @@ def align_folder(root: str, landmark_file: str, out: str, size: int = 112, worke
             bar.update(len(errors))
     if progress:
         bar.close()
-    return {"out": out, "images": written, "bad": len(bad), "bad_lines": bad, "size": size,
-            "seconds": round(time.monotonic() - started, 3)}
+    return {
+        "out": out,
+        "images": written,
+        "bad": len(bad),
+        "bad_lines": bad,
+        "size": size,
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
 @contextlib.contextmanager

@@ -16,8 +16,9 @@ class BadRecord(NamedTuple):
     reason: str
 
     def __str__(self) -> str:
-        place = [self.file] + [f"{name} {value}" for name, value in (("key", self.key), ("offset", self.offset))
-                               if value is not None]
+        place = [self.file] + [
+            f"{name} {value}" for name, value in (("key", self.key), ("offset", self.offset)) if value is not None
+        ]
         return f"{', '.join(place)}: {self.reason}"
 
 

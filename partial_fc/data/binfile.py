@@ -21,7 +21,8 @@ import _compat_pickle
 import numbers
 import os
 import pickle
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -42,7 +43,7 @@ __all__ = [
     "write_bin",
 ]
 
-ImageBuffer = Union[bytes, bytearray, np.ndarray]
+ImageBuffer = bytes | bytearray | np.ndarray
 
 
 class BinFileError(InputError):
@@ -51,8 +52,7 @@ class BinFileError(InputError):
     The message names the file and, where one entry is at fault, its index (``image <i>`` or ``issame <i>``).
     """
 
-    def __init__(self, message: str, *, path: Optional[PathLike] = None, index: Optional[int] = None,
-                 what: str = "image"):
+    def __init__(self, message: str, *, path: PathLike | None = None, index: int | None = None, what: str = "image"):
         where = []
         if path is not None:
             where.append(os.fspath(path))
@@ -68,7 +68,7 @@ class BinFileError(InputError):
         return (_rebuild_error, (self.args[0], self.path, self.index))
 
 
-def _rebuild_error(message: str, path: Optional[str], index: Optional[int]) -> BinFileError:
+def _rebuild_error(message: str, path: str | None, index: int | None) -> BinFileError:
     err = BinFileError.__new__(BinFileError)
     Exception.__init__(err, message)
     err.path, err.index = path, index
@@ -78,8 +78,8 @@ def _rebuild_error(message: str, path: Optional[str], index: Optional[int]) -> B
 class VerificationBin(NamedTuple):
     """A loaded verification set: ``2 * N`` encoded images and ``N`` same-identity flags."""
 
-    images: List[ImageBuffer]
-    issame: List[bool]
+    images: list[ImageBuffer]
+    issame: list[bool]
 
     @property
     def num_pairs(self) -> int:
@@ -109,8 +109,9 @@ def _safe_codecs_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict
     if isinstance(encoding, (bytes, bytearray)):
         encoding = bytes(encoding).decode("ascii", "replace")
     if not isinstance(obj, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"_codecs.encode is only allowed as encode(str, 'latin1'), got "
-                                     f"encode({type(obj).__name__}, {encoding!r})")
+        raise pickle.UnpicklingError(
+            f"_codecs.encode is only allowed as encode(str, 'latin1'), got encode({type(obj).__name__}, {encoding!r})"
+        )
     return obj.encode("latin-1")
 
 
@@ -132,11 +133,11 @@ def _safe_bytes(*args: Any) -> bytes:
     return bytes(*args)
 
 
-def _allowed_globals() -> Dict[Tuple[str, str], Any]:
+def _allowed_globals() -> dict[tuple[str, str], Any]:
     reconstruct = _numpy_attr("multiarray", "_reconstruct")
     frombuffer = _numpy_attr("numeric", "_frombuffer")
     scalar = _numpy_attr("multiarray", "scalar")
-    allowed: Dict[Tuple[str, str], Any] = {
+    allowed: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _safe_codecs_encode,
@@ -153,7 +154,7 @@ def _allowed_globals() -> Dict[Tuple[str, str], Any]:
     return allowed
 
 
-_ALLOWED: Optional[Dict[Tuple[str, str], Any]] = None
+_ALLOWED: dict[tuple[str, str], Any] | None = None
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -179,9 +180,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         py3 = _python3_name(module, name)
         if py3 != wanted:
             wanted += f" ({py3} in Python 3)"
-        raise BinFileError(f"refusing to load: the pickle asks for the global {wanted}, which a verification "
-                           f".bin file never needs (only encoded images and bools are allowed); nothing was run",
-                           path=self._path)
+        raise BinFileError(
+            f"refusing to load: the pickle asks for the global {wanted}, which a verification "
+            f".bin file never needs (only encoded images and bools are allowed); nothing was run",
+            path=self._path,
+        )
 
 
 def _python3_name(module: str, name: str) -> str:
@@ -208,10 +211,17 @@ def _restricted_load(path: PathLike) -> Any:
         except pickle.UnpicklingError as exc:
             raise BinFileError(f"not a valid pickle (truncated or not a .bin file): {exc}", path=path) from exc
         except MemoryError as exc:
-            raise BinFileError("not a valid pickle: it declares an object too large to allocate", path=path) \
-                from exc
-        except (ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, UnicodeError,
-                RecursionError) as exc:
+            raise BinFileError("not a valid pickle: it declares an object too large to allocate", path=path) from exc
+        except (
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            OverflowError,
+            UnicodeError,
+            RecursionError,
+        ) as exc:
             raise BinFileError(f"not a valid pickle ({type(exc).__name__}: {exc})", path=path) from exc
 
 
@@ -219,28 +229,36 @@ def _restricted_load(path: PathLike) -> Any:
 # Validation
 
 
-def _as_issame(value: Any, path: Optional[PathLike], index: int) -> bool:
+def _as_issame(value: Any, path: PathLike | None, index: int) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, numbers.Integral) and int(value) in (0, 1):
         return bool(int(value))
-    raise BinFileError(f"issame flag must be a bool (or 0/1), got {type(value).__name__} {value!r:.60}",
-                       path=path, index=index, what="issame")
+    raise BinFileError(
+        f"issame flag must be a bool (or 0/1), got {type(value).__name__} {value!r:.60}",
+        path=path,
+        index=index,
+        what="issame",
+    )
 
 
-def _check_image(value: Any, path: Optional[PathLike], index: int) -> None:
+def _check_image(value: Any, path: PathLike | None, index: int) -> None:
     if isinstance(value, (bytes, bytearray)):
         return
     if isinstance(value, np.ndarray) and value.dtype == np.uint8:
         return
     if isinstance(value, np.ndarray):
-        raise BinFileError(f"image must be encoded bytes or a uint8 array, got an array of dtype {value.dtype}",
-                           path=path, index=index)
-    raise BinFileError(f"image must be encoded bytes (bytes/bytearray) or a uint8 numpy array, "
-                       f"got {type(value).__name__}", path=path, index=index)
+        raise BinFileError(
+            f"image must be encoded bytes or a uint8 array, got an array of dtype {value.dtype}", path=path, index=index
+        )
+    raise BinFileError(
+        f"image must be encoded bytes (bytes/bytearray) or a uint8 numpy array, got {type(value).__name__}",
+        path=path,
+        index=index,
+    )
 
 
-def validate_bin(obj: Any, path: Optional[PathLike] = None) -> VerificationBin:
+def validate_bin(obj: Any, path: PathLike | None = None) -> VerificationBin:
     """Check that ``obj`` has the ``(bins, issame_list)`` structure and return it as a :class:`VerificationBin`.
 
     ``bins`` must be a list/tuple of ``2 * len(issame_list)`` images, each ``bytes``/``bytearray`` or a ``uint8``
@@ -263,8 +281,11 @@ def validate_bin(obj: Any, path: Optional[PathLike] = None) -> VerificationBin:
     if not flags:
         raise BinFileError("the file holds no pairs (issame_list is empty)", path=path)
     if len(bins) != 2 * len(flags):
-        raise BinFileError(f"bins holds {len(bins)} images but issame_list has {len(flags)} pairs "
-                           f"(expected {2 * len(flags)} images, two per pair)", path=path)
+        raise BinFileError(
+            f"bins holds {len(bins)} images but issame_list has {len(flags)} pairs "
+            f"(expected {2 * len(flags)} images, two per pair)",
+            path=path,
+        )
     for i, image in enumerate(bins):
         _check_image(image, path, i)
     return VerificationBin(list(bins), flags)
@@ -308,7 +329,7 @@ def write_bin(path: PathLike, images: Sequence[ImageBuffer], issame: Sequence[bo
 # Decoding
 
 
-def _size_hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+def _size_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool):
         h = w = int(image_size)
     else:
@@ -321,7 +342,7 @@ def _size_hw(image_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return h, w
 
 
-def _encoded_bytes(image: ImageBuffer, *, path: Optional[PathLike], index: Optional[int]) -> np.ndarray:
+def _encoded_bytes(image: ImageBuffer, *, path: PathLike | None, index: int | None) -> np.ndarray:
     """One stored image (bytes, or a uint8 array of the encoded bytes) as a flat uint8 array; else BinFileError."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -332,7 +353,7 @@ def _encoded_bytes(image: ImageBuffer, *, path: Optional[PathLike], index: Optio
     raise BinFileError(f"image must be encoded bytes, got {type(image).__name__}", path=path, index=index)
 
 
-def decode_image(image: ImageBuffer, *, path: Optional[PathLike] = None, index: Optional[int] = None) -> np.ndarray:
+def decode_image(image: ImageBuffer, *, path: PathLike | None = None, index: int | None = None) -> np.ndarray:
     """Decode one encoded image (bytes or uint8 array of the encoded bytes) to an RGB ``uint8`` array [H, W, 3].
 
     Decoded exactly as training images are (``decode.decode_rgb``); grey images come back with three equal
@@ -344,8 +365,13 @@ def decode_image(image: ImageBuffer, *, path: Optional[PathLike] = None, index: 
         raise BinFileError(str(error), path=path, index=index) from None
 
 
-def decode_images(images: Sequence[ImageBuffer], image_size: Union[int, Sequence[int]] = (112, 112), *,
-                  path: Optional[PathLike] = None, interpolation: int = cv2.INTER_LINEAR) -> torch.Tensor:
+def decode_images(
+    images: Sequence[ImageBuffer],
+    image_size: int | Sequence[int] = (112, 112),
+    *,
+    path: PathLike | None = None,
+    interpolation: int = cv2.INTER_LINEAR,
+) -> torch.Tensor:
     """Decode encoded images into a float32 tensor [len(images), 3, H, W], RGB, normalized to ``(x/255 - 0.5)/0.5``.
 
     ``image_size`` is ``(height, width)`` (or one int for both). An image already of that size is used as it is;
@@ -361,8 +387,9 @@ def decode_images(images: Sequence[ImageBuffer], image_size: Union[int, Sequence
     return normalize_images(torch.from_numpy(pixels)).contiguous()
 
 
-def load_bin(path: PathLike, image_size: Union[int, Sequence[int]] = (112, 112), *,
-             interpolation: int = cv2.INTER_LINEAR) -> Tuple[torch.Tensor, List[bool]]:
+def load_bin(
+    path: PathLike, image_size: int | Sequence[int] = (112, 112), *, interpolation: int = cv2.INTER_LINEAR
+) -> tuple[torch.Tensor, list[bool]]:
     """Read, validate and decode a ``.bin`` file: returns ``(images [2N, 3, H, W] float32, issame [N])``.
 
     Images are RGB, normalized to ``(x/255 - 0.5)/0.5``, resized to ``image_size`` (height, width) only when they

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -50,10 +49,11 @@ __all__ = [
     "SyntheticDataset",
 ]
 
-Size = Optional[tuple[int, int]]
+Size = tuple[int, int] | None
 Sample = tuple[torch.Tensor, torch.Tensor]
 UNFILLED_LABEL = -1
-"""The label of a batch slot left unfilled, more than ``max_bad_per_batch`` records having failed (the head refuses it)."""
+"""The label of a batch slot left unfilled, more than ``max_bad_per_batch`` records having failed (the head
+refuses it)."""
 DEFAULT_MAX_BAD_PER_BATCH = 100
 _UNUSABLE = (RecordIOError, DecodeError, OSError)  # what a record that cannot be used raises
 
@@ -185,9 +185,18 @@ class _FaceDataset(Dataset):
 class RecordFaceDataset(_FaceDataset):
     """A face set in indexed RecordIO (insightface layout or header-less), labels checked against num_classes."""
 
-    def __init__(self, root: PathLike | None = None, *, rec: PathLike | None = None,
-                 idx: PathLike | None = None, num_classes: int | None = None, image_size: Size = None,
-                 flip: bool = True, name: str = "train", max_bad_per_batch: int = DEFAULT_MAX_BAD_PER_BATCH):
+    def __init__(
+        self,
+        root: PathLike | None = None,
+        *,
+        rec: PathLike | None = None,
+        idx: PathLike | None = None,
+        num_classes: int | None = None,
+        image_size: Size = None,
+        flip: bool = True,
+        name: str = "train",
+        max_bad_per_batch: int = DEFAULT_MAX_BAD_PER_BATCH,
+    ):
         """Open ``root/<name>.rec`` + ``.idx`` (or ``rec`` and ``idx``); ``property`` beside them gives
         num_classes and the size images are resized to, unless ``num_classes`` / ``image_size`` are given.
 
@@ -250,8 +259,14 @@ class ImageFolderDataset(_FaceDataset):
     """``root/<identity>/<image>``: one sub-folder per identity, classes numbered by sorted folder name, the images
     ``imagefolder.list_images`` lists (the ones ``partial-fc im2rec --list`` packs)."""
 
-    def __init__(self, root: PathLike, *, image_size: Size = (112, 112), flip: bool = True,
-                 max_bad_per_batch: int = DEFAULT_MAX_BAD_PER_BATCH):
+    def __init__(
+        self,
+        root: PathLike,
+        *,
+        image_size: Size = (112, 112),
+        flip: bool = True,
+        max_bad_per_batch: int = DEFAULT_MAX_BAD_PER_BATCH,
+    ):
         """Scan ``root``; images are resized to ``image_size`` where they differ (None: keep each one's size).
 
         An empty root or an identity folder without images is an error naming the folder."""
@@ -300,8 +315,9 @@ class PairListDataset(Dataset):
                 if not fields or fields[0].startswith("#"):
                     continue
                 if len(fields) != 3 or fields[2] not in ("0", "1"):
-                    raise DatasetError(f"{self.pair_list}, line {lineno}: expected 'path1 path2 issame(0/1)', "
-                                       f"got {line.strip()!r}")
+                    raise DatasetError(
+                        f"{self.pair_list}, line {lineno}: expected 'path1 path2 issame(0/1)', got {line.strip()!r}"
+                    )
                 self.pairs.append((fields[0], fields[1], fields[2] == "1"))
         if not self.pairs:
             raise DatasetError(f"{self.pair_list}: no pairs")
@@ -337,12 +353,20 @@ class PairListDataset(Dataset):
 class RandomFaceDataset(Dataset):
     """In-memory random images and labels for benchmarks: no files, no decoding, deterministic in ``seed``."""
 
-    def __init__(self, num_samples: int, num_classes: int, image_size: tuple[int, int] = (112, 112),
-                 seed: int = 0, distinct_images: int = 64):
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int,
+        image_size: tuple[int, int] = (112, 112),
+        seed: int = 0,
+        distinct_images: int = 64,
+    ):
         """``num_samples`` samples; images cycle through ``distinct_images`` random uint8 [H, W, 3] ones."""
         if num_samples < 1 or num_classes < 1 or distinct_images < 1:
-            raise InputError("num_samples, num_classes and distinct_images must be positive, got "
-                             f"{num_samples}, {num_classes}, {distinct_images}")
+            raise InputError(
+                "num_samples, num_classes and distinct_images must be positive, got "
+                f"{num_samples}, {num_classes}, {distinct_images}"
+            )
         rng = np.random.default_rng([seed, 0xBE4C])
         pixels = rng.integers(0, 256, size=(min(distinct_images, num_samples), *image_size, 3), dtype=np.uint8)
         self.images = torch.from_numpy(pixels)

@@ -16,8 +16,9 @@ verification loaders use the same two functions, so training and evaluation see 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable, NamedTuple, Union
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -27,7 +28,7 @@ from partial_fc.errors import InputError
 
 __all__ = ["DECODER", "DecodeError", "decode_into", "decode_rgb", "flip_images", "normalize_images", "normalize_lut"]
 
-Buffer = Union[bytes, bytearray, memoryview, np.ndarray]
+Buffer = bytes | bytearray | memoryview | np.ndarray
 
 _CV2_FLAGS = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
 _CV2_GIVES_BGR = not hasattr(cv2, "IMREAD_COLOR_RGB")  # OpenCV < 4.10 can only decode to BGR
@@ -67,8 +68,9 @@ def _fast_jpeg_decoder() -> JpegBackend:
     try:
         import simplejpeg
 
-        return JpegBackend("simplejpeg", lambda data: simplejpeg.decode_jpeg(data, colorspace="RGB"),
-                           _simplejpeg_into(simplejpeg))
+        return JpegBackend(
+            "simplejpeg", lambda data: simplejpeg.decode_jpeg(data, colorspace="RGB"), _simplejpeg_into(simplejpeg)
+        )
     except ImportError:
         pass
     try:
@@ -120,8 +122,9 @@ def decode_rgb(data: Buffer, source: str | None = None) -> np.ndarray:
     return image
 
 
-def decode_into(data: Buffer, out: np.ndarray, source: str | None = None,
-                interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+def decode_into(
+    data: Buffer, out: np.ndarray, source: str | None = None, interpolation: int = cv2.INTER_LINEAR
+) -> np.ndarray:
     """Decode an encoded image into ``out`` (C-contiguous RGB uint8 [H, W, 3], e.g. a batch slot) and return it.
 
     A JPEG already of ``out``'s size is decoded in place, with no intermediate array; any other image is

@@ -136,7 +136,9 @@ def rebuild_faceset_index(rec_path: str | os.PathLike, idx_path: str | os.PathLi
     """Rebuild a lost `.idx`: keys 1..N-1 then 0 when the last record is a face-set header, else 0..N-1."""
     offsets = scan_offsets(rec_path)
     keys = np.arange(len(offsets), dtype=np.int64)
-    if len(offsets) and _is_trailing_header(RecordReader(rec_path).read_at(int(offsets[-1])), len(offsets), str(rec_path)):
+    if len(offsets) and _is_trailing_header(
+        RecordReader(rec_path).read_at(int(offsets[-1])), len(offsets), str(rec_path)
+    ):
         keys += 1
         keys[-1] = 0
     write_index(idx_path, keys, offsets)
@@ -161,7 +163,9 @@ def read_property(directory: str | os.PathLike) -> tuple[int, int, int] | None:
     try:
         num_classes, height, width = (int(field) for field in fields)
     except ValueError:
-        raise RecordIOError(f"expected 'num_classes,height,width', got {path.read_text().strip()!r}", path=str(path)) from None
+        raise RecordIOError(
+            f"expected 'num_classes,height,width', got {path.read_text().strip()!r}", path=str(path)
+        ) from None
     return num_classes, height, width
 
 

@@ -35,8 +35,9 @@ class LabelScan(NamedTuple):
     cut_off: list[BadRecord]
 
 
-def scan_labels(reader: RecordReader, keys: np.ndarray, offsets: np.ndarray,
-                num_classes: int | None = None) -> LabelScan:
+def scan_labels(
+    reader: RecordReader, keys: np.ndarray, offsets: np.ndarray, num_classes: int | None = None
+) -> LabelScan:
     """The class of each record at ``offsets`` (named by ``keys``), checked like ``record_label`` (in
     ``[0, num_classes)`` when given), without reading the images."""
     keys, offsets = np.asarray(keys, np.int64), np.asarray(offsets, np.int64)
@@ -52,14 +53,16 @@ def scan_labels(reader: RecordReader, keys: np.ndarray, offsets: np.ndarray,
         labels[chunk][plain] = values[plain]
         for row in np.flatnonzero(truncated):
             key, offset = int(keys[chunk][row]), int(offsets[chunk][row])
-            why = (f"offset is past the end of the file ({size} bytes)" if offset >= size
-                   else f"truncated file: the record runs past the end of the file ({size} bytes)")
+            why = (
+                f"offset is past the end of the file ({size} bytes)"
+                if offset >= size
+                else f"truncated file: the record runs past the end of the file ({size} bytes)"
+            )
             cut_off.append(BadRecord(reader.path, key, offset, why))
         for row in np.flatnonzero(~plain & ~truncated):
             key, offset = int(keys[chunk][row]), int(offsets[chunk][row])
             try:
-                label = record_label(read_header(reader, offset), path=reader.path, key=key,
-                                     num_classes=num_classes)
+                label = record_label(read_header(reader, offset), path=reader.path, key=key, num_classes=num_classes)
             except RecordIOError as error:
                 invalid.append(BadRecord(reader.path, key, offset, reason_of(error)))
                 continue
@@ -70,8 +73,9 @@ def scan_labels(reader: RecordReader, keys: np.ndarray, offsets: np.ndarray,
     return LabelScan(labels, invalid, cut_off)
 
 
-def _fast_labels(data: np.ndarray, size: int, offsets: np.ndarray, num_classes: int | None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fast_labels(
+    data: np.ndarray, size: int, offsets: np.ndarray, num_classes: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(plain, labels, truncated)`` for one chunk: ``plain`` marks whole, unsplit records with a valid label."""
     available = size - offsets
     rows = np.minimum(offsets[:, None] // 4 + np.arange(_WORDS), max(len(data) - 1, 0))

@@ -32,9 +32,9 @@ import sys
 import time
 from array import array
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable
 
 import cv2
 import numpy as np
@@ -52,17 +52,25 @@ _BATCH = 32  # images per thread-pool task
 def _check_lst_path(root: str, relative: str) -> None:
     """Refuse a path that a `.lst` line cannot hold: a tab or line break in it, or bytes that are not UTF-8."""
     if "\t" in relative or "\n" in relative or "\r" in relative:
-        raise InputError(f"{os.path.join(root, relative)}: a tab or line break in the path cannot be written to a "
-                         ".lst file")
+        raise InputError(
+            f"{os.path.join(root, relative)}: a tab or line break in the path cannot be written to a .lst file"
+        )
     try:
         relative.encode("utf-8")
     except UnicodeEncodeError:
-        raise InputError(f"{os.fsdecode(os.path.join(root, relative))!r}: the path is not valid UTF-8, "
-                         "which a .lst file needs") from None
+        raise InputError(
+            f"{os.fsdecode(os.path.join(root, relative))!r}: the path is not valid UTF-8, which a .lst file needs"
+        ) from None
 
 
-def make_list(prefix: str, root: str, exts: Iterable[str] = IMAGE_EXTENSIONS, recursive: bool = False,
-              shuffle: bool = True, seed: int = 100) -> dict:
+def make_list(
+    prefix: str,
+    root: str,
+    exts: Iterable[str] = IMAGE_EXTENSIONS,
+    recursive: bool = False,
+    shuffle: bool = True,
+    seed: int = 100,
+) -> dict:
     """Write PREFIX.lst for the images under ROOT; returns the summary."""
     started = time.monotonic()
     table = list_images(root, exts, recursive).images
@@ -74,8 +82,12 @@ def make_list(prefix: str, root: str, exts: Iterable[str] = IMAGE_EXTENSIONS, re
     lst = f"{prefix}.lst"
     os.makedirs(os.path.dirname(lst) or ".", exist_ok=True)
     lines = write_lst(lst, (LstEntry(i, table.labels[i], table.path(i)) for i in order))
-    return {"lst": lst, "images": lines, "identities": table.labels[-1] + 1,
-            "seconds": round(time.monotonic() - started, 3)}
+    return {
+        "lst": lst,
+        "images": lines,
+        "identities": table.labels[-1] + 1,
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,11 +123,15 @@ class EncodeOptions:
         png = self.encoding == ".png"
         quality = self.encoding_quality
         if not (0 <= quality <= 9 if png else 1 <= quality <= 100):
-            raise InputError(f"--quality {quality} is outside {'0-9 (PNG compression)' if png else '1-100 (JPEG quality)'}")
+            raise InputError(
+                f"--quality {quality} is outside {'0-9 (PNG compression)' if png else '1-100 (JPEG quality)'}"
+            )
         if self.resize < 0:
             raise InputError(f"--resize {self.resize} is negative")
         if self.pass_through and (self.resize or self.center_crop):
-            raise InputError("--pass-through stores files unchanged; it cannot be combined with --resize or --center-crop")
+            raise InputError(
+                "--pass-through stores files unchanged; it cannot be combined with --resize or --center-crop"
+            )
 
     @property
     def encoding_quality(self) -> int:
@@ -135,11 +151,14 @@ def _transform(image: np.ndarray, options: EncodeOptions) -> np.ndarray:
     height, width = image.shape[:2]
     if options.center_crop:
         margin = abs(height - width) // 2
-        image = image[margin:margin + width] if height > width else image[:, margin:margin + height]
+        image = image[margin : margin + width] if height > width else image[:, margin : margin + height]
         height, width = image.shape[:2]
     if options.resize:
-        size = (options.resize, height * options.resize // width) if height > width else \
-            (width * options.resize // height, options.resize)
+        size = (
+            (options.resize, height * options.resize // width)
+            if height > width
+            else (width * options.resize // height, options.resize)
+        )
         image = cv2.resize(image, size)
     return image
 
@@ -170,8 +189,15 @@ def _load_batch(root: str, batch: list[tuple[str, int]], lst: str, options: Enco
     return [load_image(root, relative, lst, line, options) for relative, line in batch]
 
 
-def _write_records(writer: FaceSetWriter, table: ImageTable, root: str, lst: str, options: EncodeOptions,
-                   num_thread: int, bar: Progress) -> set[tuple[int, int]]:
+def _write_records(
+    writer: FaceSetWriter,
+    table: ImageTable,
+    root: str,
+    lst: str,
+    options: EncodeOptions,
+    num_thread: int,
+    bar: Progress,
+) -> set[tuple[int, int]]:
     """Load the images on `num_thread` threads and write them sorted by label (stably); returns the image sizes."""
     order = np.argsort(np.frombuffer(table.labels, np.int64), kind="stable")
     sizes: set[tuple[int, int]] = set()
@@ -189,7 +215,7 @@ def _write_records(writer: FaceSetWriter, table: ImageTable, root: str, lst: str
     with ThreadPoolExecutor(num_thread) as pool:
         try:
             for start in range(0, len(order), _BATCH):
-                positions = order[start:start + _BATCH]
+                positions = order[start : start + _BATCH]
                 batch = [(table.path(p), table.lines[p]) for p in positions]
                 pending.append((positions, pool.submit(_load_batch, root, batch, lst, options)))
                 if len(pending) >= 4 * num_thread:
@@ -203,8 +229,9 @@ def _write_records(writer: FaceSetWriter, table: ImageTable, root: str, lst: str
     return sizes
 
 
-def pack_list(prefix: str, root: str, options: EncodeOptions = EncodeOptions(), num_thread: int = 1,
-              progress: bool = True) -> dict:
+def pack_list(
+    prefix: str, root: str, options: EncodeOptions = EncodeOptions(), num_thread: int = 1, progress: bool = True
+) -> dict:
     """Write PREFIX.rec/.idx (and `property`) from PREFIX.lst; returns the summary.
 
     The set is written into a staging folder beside PREFIX and moved into place when complete.
@@ -229,9 +256,18 @@ def pack_list(prefix: str, root: str, options: EncodeOptions = EncodeOptions(), 
         bar.close()
     height, width = writer.image_size
     if len(sizes) > 1:
-        print(f"im2rec: warning: images differ in size ({len(sizes)} sizes); property records the first, "
-              f"{height}x{width}", file=sys.stderr)
+        print(
+            f"im2rec: warning: images differ in size ({len(sizes)} sizes); property records the first, "
+            f"{height}x{width}",
+            file=sys.stderr,
+        )
     rec = os.path.join(directory, f"{name}.rec")
     identities = len(np.unique(np.frombuffer(table.labels, np.int64)))
-    return {"rec": rec, "images": len(table), "identities": identities, "bytes": os.path.getsize(rec),
-            "image_size": [height, width], "seconds": round(time.monotonic() - started, 3)}
+    return {
+        "rec": rec,
+        "images": len(table),
+        "identities": identities,
+        "bytes": os.path.getsize(rec),
+        "image_size": [height, width],
+        "seconds": round(time.monotonic() - started, 3),
+    }

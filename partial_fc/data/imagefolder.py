@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import Iterable, Iterator, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from partial_fc.errors import DatasetError
 
@@ -41,7 +42,7 @@ class ImageTable:
     def path(self, i: int) -> str:
         """The path of image `i`."""
         start = self._ends[i - 1] if i else 0
-        return self._blob[start:self._ends[i]].decode("utf-8", "surrogateescape")
+        return self._blob[start : self._ends[i]].decode("utf-8", "surrogateescape")
 
 
 class ImageFolderListing(NamedTuple):
@@ -63,8 +64,9 @@ def _images_in(folder: str, exts: set[str], recursive: bool) -> Iterator[str]:
             return
 
 
-def list_images(root: str | os.PathLike, exts: Iterable[str] = IMAGE_EXTENSIONS,
-                recursive: bool = False) -> ImageFolderListing:
+def list_images(
+    root: str | os.PathLike, exts: Iterable[str] = IMAGE_EXTENSIONS, recursive: bool = False
+) -> ImageFolderListing:
     """Every image under `root` with its class (see the module docstring)."""
     root = os.fspath(root)
     if not os.path.isdir(root):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -56,16 +56,19 @@ def check_data(path: PathLike, workers: int = 1, progress: Progress | None = Non
     raise MissingInputError(f"{root}: no train.rec (with train.idx), not a .rec file and not an image folder")
 
 
-def check_record_set(rec: PathLike, idx: PathLike, workers: int = 1, progress: Progress | None = None
-                     ) -> CheckReport:
+def check_record_set(rec: PathLike, idx: PathLike, workers: int = 1, progress: Progress | None = None) -> CheckReport:
     """Check every record the ``.idx`` lists; an index or header that cannot be read is itself a bad record."""
     started = time.perf_counter()
     try:
         reader = IndexedRecordReader(rec, idx, past_end_ok=True)
     except RecordIOError as error:
         where = f"line {error.line}: " if error.line is not None else ""
-        return CheckReport(str(rec), 0, [BadRecord(str(error.path or idx), error.key, error.offset,
-                                                   where + reason_of(error))], time.perf_counter() - started)
+        return CheckReport(
+            str(rec),
+            0,
+            [BadRecord(str(error.path or idx), error.key, error.offset, where + reason_of(error))],
+            time.perf_counter() - started,
+        )
     bad: list[BadRecord] = []
     kinds, num_classes = _record_kinds(reader, bad)
     offsets = reader.offsets_of(reader.key_array)
@@ -175,8 +178,9 @@ def _run(plan: _RecordPlan | _FolderPlan, count: int, workers: int, progress: Pr
     return bad
 
 
-def _results(plan: _RecordPlan | _FolderPlan, ranges: list[tuple[int, int]], workers: int
-             ) -> Iterator[tuple[int, list[BadRecord]]]:
+def _results(
+    plan: _RecordPlan | _FolderPlan, ranges: list[tuple[int, int]], workers: int
+) -> Iterator[tuple[int, list[BadRecord]]]:
     """``(rows, bad records)`` of each range, in order: in this process for one worker, else in a pool."""
     if workers == 1 or len(ranges) <= 1:
         for start, stop in ranges:

@@ -32,8 +32,9 @@ def parse_landmark_line(text: str, where: str, line: int) -> LandmarkEntry:
     """The entry on one line; `where` names the file in the InputError a malformed line raises."""
     fields = text.split()
     if len(fields) not in (11, 12):
-        raise InputError(f"{where}, line {line}: expected 'path x1 y1 ... x5 y5 [faceness]' (11 or 12 fields), "
-                         f"got {len(fields)}")
+        raise InputError(
+            f"{where}, line {line}: expected 'path x1 y1 ... x5 y5 [faceness]' (11 or 12 fields), got {len(fields)}"
+        )
     path = fields[0]
     if os.path.isabs(path) or ".." in path.replace("\\", "/").split("/"):
         raise InputError(f"{where}, line {line}: {path}: the image path must be relative and stay inside the root")
@@ -63,8 +64,9 @@ def read_landmark_file(path: str | os.PathLike, skip_bad: bool = False) -> tuple
             try:
                 entry = parse_landmark_line(text, where, number)
                 if entry.path in first_line:
-                    raise InputError(f"{where}, line {number}: {entry.path} is already listed on line "
-                                     f"{first_line[entry.path]}")
+                    raise InputError(
+                        f"{where}, line {number}: {entry.path} is already listed on line {first_line[entry.path]}"
+                    )
             except InputError as error:
                 if not skip_bad:
                     raise

@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,8 +88,9 @@ class WorkerSetup:
         np.random.seed(state)
         torch.manual_seed(int(state[1]) << 32 | int(state[2]))
         if self.trainer_pid is not None:
-            threading.Thread(target=_exit_when_gone, args=(self.trainer_pid,), name="trainer-watch",
-                             daemon=True).start()
+            threading.Thread(
+                target=_exit_when_gone, args=(self.trainer_pid,), name="trainer-watch", daemon=True
+            ).start()
 
 
 class EpochLoader(DataLoader):
@@ -110,9 +111,17 @@ class EpochLoader(DataLoader):
         sampler.set_epoch(sampler.epoch + 1)
 
 
-def build_loader(dataset: Dataset, batch_size: int, sampler: DistributedEpochSampler, num_workers: int = 4,
-                 pin_memory: bool | None = None, prefetch_factor: int = 2, drop_last: bool = True,
-                 seed: int = 0, start_method: str | None = None) -> EpochLoader:
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    sampler: DistributedEpochSampler,
+    num_workers: int = 4,
+    pin_memory: bool | None = None,
+    prefetch_factor: int = 2,
+    drop_last: bool = True,
+    seed: int = 0,
+    start_method: str | None = None,
+) -> EpochLoader:
     """A loader of ``batch_size`` batches from ``sampler``'s epochs: persistent workers when ``num_workers > 0``,
     ``prefetch_factor`` batches ahead per worker, memory pinned when CUDA is available (``pin_memory=None``).
 
@@ -131,13 +140,14 @@ def build_loader(dataset: Dataset, batch_size: int, sampler: DistributedEpochSam
         prefetch_factor=prefetch_factor if workers else None,
         persistent_workers=workers,
         worker_init_fn=WorkerSetup(seed, sampler, None if start_method in (None, "fork") else os.getpid())
-        if workers else None,
+        if workers
+        else None,
         multiprocessing_context=start_method if workers else None,
         generator=torch.Generator().manual_seed(seed),  # DataLoader's own seeds: fixed, and the global RNG untouched
     )
 
 
-Batch = Union[torch.Tensor, Mapping, list, tuple, Any]
+Batch = torch.Tensor | Mapping | list | tuple | Any
 
 
 def to_device(batch: Batch, device: str | torch.device) -> Batch:
@@ -155,7 +165,9 @@ def to_device(batch: Batch, device: str | torch.device) -> Batch:
     return batch
 
 
-def device_batch(batch: tuple[torch.Tensor, torch.Tensor], device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def device_batch(
+    batch: tuple[torch.Tensor, torch.Tensor], device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader's ``(uint8 images [B, H, W, 3], labels)`` as network input on ``device``: the uint8 pixels are
     copied (a quarter of the float bytes), then normalised there to float32 [B, 3, H, W] (channels-last)."""
     images, labels = batch

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 from partial_fc.errors import InputError
 from partial_fc.fileio import atomic_path
@@ -44,11 +45,15 @@ def read_lst(path: str | os.PathLike) -> Iterator[LstEntry]:
                 continue
             fields = line.rstrip("\n").split("\t")
             if len(fields) != 3:
-                raise LstError(f"{path}, line {number}: expected 3 tab-separated fields (index, label, path), got {len(fields)}")
+                raise LstError(
+                    f"{path}, line {number}: expected 3 tab-separated fields (index, label, path), got {len(fields)}"
+                )
             try:
                 index, label = int(fields[0]), float(fields[1])
             except ValueError:
-                raise LstError(f"{path}, line {number}: index {fields[0]!r} or label {fields[1]!r} is not a number") from None
+                raise LstError(
+                    f"{path}, line {number}: index {fields[0]!r} or label {fields[1]!r} is not a number"
+                ) from None
             if not label.is_integer() or label < 0:
                 raise LstError(f"{path}, line {number}: label {fields[1]} is not a class id (a non-negative integer)")
             yield LstEntry(index, int(label), fields[2])

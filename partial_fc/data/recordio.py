@@ -71,8 +71,15 @@ _NO_END = 1 << 62  # a file size no offset reaches (for indexes of truncated fil
 class RecordIOError(InputError):
     """A RecordIO file, index or record is invalid; the message names the file and the record (offset/key/line)."""
 
-    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None,
-                 key: int | None = None, line: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        offset: int | None = None,
+        key: int | None = None,
+        line: int | None = None,
+    ):
         where = []
         if path is not None:
             where.append(str(path) if line is None else f"{path}, line {line}")
@@ -130,8 +137,11 @@ def _check_lengths(payload: bytes, path: str, offset: int) -> None:
     """Refuse payloads dmlc-core cannot write (2**30 bytes or more, or a part of 2**29 bytes or more)."""
     n = len(payload)
     if n >= _MAX_RECORD:
-        raise RecordIOError(f"payload of {n} bytes is too large (RecordIO records must be < {_MAX_RECORD} bytes)",
-                            path=path, offset=offset)
+        raise RecordIOError(
+            f"payload of {n} bytes is too large (RecordIO records must be < {_MAX_RECORD} bytes)",
+            path=path,
+            offset=offset,
+        )
     if n < _MAX_PART:
         return
     start, pos = 0, payload.find(_MAGIC_BYTES)
@@ -139,8 +149,12 @@ def _check_lengths(payload: bytes, path: str, offset: int) -> None:
         end = n if pos == -1 else pos
         if pos == -1 or pos % 4 == 0:
             if end - start >= _MAX_PART:
-                raise RecordIOError(f"payload of {n} bytes has a part of {end - start} bytes between aligned "
-                                    f"magic numbers; a part must be < {_MAX_PART} bytes", path=path, offset=offset)
+                raise RecordIOError(
+                    f"payload of {n} bytes has a part of {end - start} bytes between aligned "
+                    f"magic numbers; a part must be < {_MAX_PART} bytes",
+                    path=path,
+                    offset=offset,
+                )
             if pos == -1:
                 return
             start = pos + 4
@@ -154,8 +168,9 @@ def _as_bytes(payload: Any, path: str, offset: int) -> bytes:
     try:
         return memoryview(payload).tobytes()
     except TypeError:
-        raise RecordIOError(f"payload must be bytes-like, got {type(payload).__name__}",
-                            path=path, offset=offset) from None
+        raise RecordIOError(
+            f"payload must be bytes-like, got {type(payload).__name__}", path=path, offset=offset
+        ) from None
 
 
 class RecordWriter:
@@ -323,11 +338,19 @@ class RecordReader:
         with lock:
             size = os.fstat(fh.fileno()).st_size
             if offset < 0 or offset >= size:
-                raise RecordIOError(f"offset is past the end of the file ({size} bytes)" if offset >= 0
-                                    else "offset is negative", path=self.path, offset=offset, key=key)
+                raise RecordIOError(
+                    f"offset is past the end of the file ({size} bytes)" if offset >= 0 else "offset is negative",
+                    path=self.path,
+                    offset=offset,
+                    key=key,
+                )
             if offset % 4:
-                raise RecordIOError("offset is not at a record start (records start at multiples of 4)",
-                                    path=self.path, offset=offset, key=key)
+                raise RecordIOError(
+                    "offset is not at a record start (records start at multiples of 4)",
+                    path=self.path,
+                    offset=offset,
+                    key=key,
+                )
             fh.seek(offset)
             payload, _ = _read_record(fh, self.path, offset, key=key, at_start=True)
         assert payload is not None
@@ -346,7 +369,7 @@ class RecordReader:
             magic, lrec = _HEAD.unpack_from(data)
             length = lrec & _LENGTH_MASK
             if magic == MAGIC and lrec >> _LENGTH_BITS == 0 and _HEAD.size + length <= len(data):
-                return data[_HEAD.size:_HEAD.size + length]
+                return data[_HEAD.size : _HEAD.size + length]
         return self.read_at(offset)
 
     def read_prefix(self, offset: int, size: int) -> bytes:
@@ -358,7 +381,7 @@ class RecordReader:
             magic, lrec = _HEAD.unpack_from(data)
             want = _HEAD.size + min(size, lrec & _LENGTH_MASK)
             if magic == MAGIC and lrec >> _LENGTH_BITS == 0 and len(data) >= want:
-                return data[_HEAD.size:want]
+                return data[_HEAD.size : want]
         return self.read_at(offset)[:size]
 
     def __iter__(self) -> Iterator[bytes]:
@@ -372,16 +395,16 @@ class RecordReader:
             size = os.fstat(fh.fileno()).st_size
             offset = 0
             while True:
-                payload, end = _read_record(fh, self.path, offset, key=None, at_start=False, want=payloads,
-                                            size=size)
+                payload, end = _read_record(fh, self.path, offset, key=None, at_start=False, want=payloads, size=size)
                 if end is None:
                     return
                 yield offset, payload
                 offset = end
 
 
-def _read_record(fh: BinaryIO, path: str, offset: int, *, key: int | None, at_start: bool,
-                 want: bool = True, size: int = 0) -> tuple[bytes | None, int | None]:
+def _read_record(
+    fh: BinaryIO, path: str, offset: int, *, key: int | None, at_start: bool, want: bool = True, size: int = 0
+) -> tuple[bytes | None, int | None]:
     """Read the record starting at ``offset`` (``fh`` positioned there): ``(payload, next offset)``.
 
     At end of file returns ``(None, None)`` unless ``at_start`` (the caller promised a record is there).
@@ -397,35 +420,66 @@ def _read_record(fh: BinaryIO, path: str, offset: int, *, key: int | None, at_st
             if first and not head and not at_start:
                 return None, None
             if first:
-                raise RecordIOError(f"truncated file: record header cut short ({len(head)} of 8 bytes)",
-                                    path=path, offset=offset, key=key)
-            raise RecordIOError(f"truncated file: record is split into parts and the part header at byte {pos} "
-                                f"is cut short ({len(head)} of 8 bytes)", path=path, offset=offset, key=key)
+                raise RecordIOError(
+                    f"truncated file: record header cut short ({len(head)} of 8 bytes)",
+                    path=path,
+                    offset=offset,
+                    key=key,
+                )
+            raise RecordIOError(
+                f"truncated file: record is split into parts and the part header at byte {pos} "
+                f"is cut short ({len(head)} of 8 bytes)",
+                path=path,
+                offset=offset,
+                key=key,
+            )
         magic, lrec = _HEAD.unpack(head)
         if magic != MAGIC:
             what = "not at a record start" if first and at_start else "corrupt file"
             where = "" if pos == offset else f" (part header at byte {pos})"
-            raise RecordIOError(f"{what}: bad magic number 0x{magic:08x}{where}, expected 0x{MAGIC:08x}",
-                                path=path, offset=offset, key=key)
+            raise RecordIOError(
+                f"{what}: bad magic number 0x{magic:08x}{where}, expected 0x{MAGIC:08x}",
+                path=path,
+                offset=offset,
+                key=key,
+            )
         cflag, length = lrec >> _LENGTH_BITS, lrec & _LENGTH_MASK
         if first and cflag in (2, 3):
-            raise RecordIOError(f"continuation part (cflag {cflag}) without its first part"
-                                + (" (offset is not at a record start)" if at_start else ""),
-                                path=path, offset=offset, key=key)
+            raise RecordIOError(
+                f"continuation part (cflag {cflag}) without its first part"
+                + (" (offset is not at a record start)" if at_start else ""),
+                path=path,
+                offset=offset,
+                key=key,
+            )
         if not first and cflag in (0, 1):
-            raise RecordIOError(f"record split into parts is missing its last part: part at byte {pos} has "
-                                f"cflag {cflag}, expected 2 or 3", path=path, offset=offset, key=key)
+            raise RecordIOError(
+                f"record split into parts is missing its last part: part at byte {pos} has "
+                f"cflag {cflag}, expected 2 or 3",
+                path=path,
+                offset=offset,
+                key=key,
+            )
         padded = (length + 3) & ~3
         if want:
             data = fh.read(padded)
             if len(data) < padded:
-                raise RecordIOError(f"truncated file: payload cut short ({len(data)} of {padded} bytes of the part "
-                                    f"at byte {pos})", path=path, offset=offset, key=key)
+                raise RecordIOError(
+                    f"truncated file: payload cut short ({len(data)} of {padded} bytes of the part at byte {pos})",
+                    path=path,
+                    offset=offset,
+                    key=key,
+                )
             parts.append(data[:length] if padded != length else data)
         else:
             if pos + 8 + padded > size:
-                raise RecordIOError(f"truncated file: payload cut short ({max(0, size - pos - 8)} of {padded} bytes "
-                                    f"of the part at byte {pos})", path=path, offset=offset, key=key)
+                raise RecordIOError(
+                    f"truncated file: payload cut short ({max(0, size - pos - 8)} of {padded} bytes "
+                    f"of the part at byte {pos})",
+                    path=path,
+                    offset=offset,
+                    key=key,
+                )
             fh.seek(padded, os.SEEK_CUR)
         pos += 8 + padded
         if cflag in (0, 3):
@@ -484,22 +538,31 @@ def _parse_index_lines(idx_path: str, rec_size: int) -> tuple[np.ndarray, np.nda
                 continue
             fields = line.split(b"\t")
             if len(fields) != 2:
-                raise RecordIOError(f"malformed index line {raw!r}: expected 'key<TAB>offset'",
-                                    path=idx_path, line=lineno)
+                raise RecordIOError(
+                    f"malformed index line {raw!r}: expected 'key<TAB>offset'", path=idx_path, line=lineno
+                )
             try:
                 key, offset = int(fields[0]), int(fields[1])
             except ValueError:
-                raise RecordIOError(f"malformed index line {raw!r}: key and offset must be integers",
-                                    path=idx_path, line=lineno) from None
+                raise RecordIOError(
+                    f"malformed index line {raw!r}: key and offset must be integers", path=idx_path, line=lineno
+                ) from None
             if not -(1 << 63) <= key < (1 << 63):
                 raise RecordIOError(f"key {key} does not fit in 64 bits", path=idx_path, line=lineno)
             if offset < 0 or offset >= rec_size:
-                raise RecordIOError(f"offset {offset} of key {key} is past the end of the .rec file "
-                                    f"({rec_size} bytes)" if offset >= 0 else f"offset {offset} of key {key} is "
-                                    "negative", path=idx_path, line=lineno)
+                raise RecordIOError(
+                    f"offset {offset} of key {key} is past the end of the .rec file ({rec_size} bytes)"
+                    if offset >= 0
+                    else f"offset {offset} of key {key} is negative",
+                    path=idx_path,
+                    line=lineno,
+                )
             if offset % 4:
-                raise RecordIOError(f"offset {offset} of key {key} is not at a record start (records start at "
-                                    "multiples of 4)", path=idx_path, line=lineno)
+                raise RecordIOError(
+                    f"offset {offset} of key {key} is not at a record start (records start at multiples of 4)",
+                    path=idx_path,
+                    line=lineno,
+                )
             keys.append(key)
             offsets.append(offset)
     return np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
@@ -518,15 +581,16 @@ class IndexedRecordReader(RecordReader):
         super().__init__(rec_path)
         self.idx_path = os.fspath(idx_path)
         if not os.path.isfile(self.idx_path):
-            raise MissingInputError(f"{self.idx_path}: no such RecordIO index (partial-fc rebuild-idx makes one from the .rec)")
+            raise MissingInputError(
+                f"{self.idx_path}: no such RecordIO index (partial-fc rebuild-idx makes one from the .rec)"
+            )
         rec_size = _NO_END if past_end_ok else os.path.getsize(self.path)
         self._keys, self._offsets = _parse_index(self.idx_path, rec_size)
         n = len(self._keys)
         self._base: int | None = None  # keys are base, base+1, ...: direct lookup
         self._sorter: np.ndarray | None = None
         self._sorted_keys: np.ndarray | None = None
-        if n and int(self._keys[-1]) - int(self._keys[0]) == n - 1 and \
-                bool(np.all(np.diff(self._keys) == 1)):
+        if n and int(self._keys[-1]) - int(self._keys[0]) == n - 1 and bool(np.all(np.diff(self._keys) == 1)):
             self._base = int(self._keys[0])
         elif n:
             self._sorter = np.argsort(self._keys, kind="stable")
@@ -535,8 +599,9 @@ class IndexedRecordReader(RecordReader):
             if dup.size:
                 key = int(sorted_keys[dup[0]])
                 lines = _lines_of_key(self.idx_path, key)
-                raise RecordIOError(f"duplicate key {key} (lines {', '.join(map(str, lines))})",
-                                    path=self.idx_path, line=lines[-1])
+                raise RecordIOError(
+                    f"duplicate key {key} (lines {', '.join(map(str, lines))})", path=self.idx_path, line=lines[-1]
+                )
             self._sorted_keys = sorted_keys
 
     @property
@@ -681,8 +746,10 @@ def _check_exact(value: Any, where: str) -> None:
             back = "it overflows float32"
         else:
             back = f"it would be read back as {int(stored)}"
-        raise RecordIOError(f"{where} {int(v)} cannot be stored exactly as a float32 RecordIO label (integers are "
-                            f"exact only up to 2**24 = {_FLOAT32_EXACT_INT}); {back}")
+        raise RecordIOError(
+            f"{where} {int(v)} cannot be stored exactly as a float32 RecordIO label (integers are "
+            f"exact only up to 2**24 = {_FLOAT32_EXACT_INT}); {back}"
+        )
 
 
 _F32 = struct.Struct("f")
@@ -740,8 +807,11 @@ def read_header(reader: RecordReader, offset: int) -> IRHeader:
     head = reader.read_prefix(offset, _IR.size)
     flag = _IR.unpack_from(head)[0] if len(head) == _IR.size else 0
     if _IR.size + 4 * flag >= _MAX_RECORD:
-        raise RecordIOError(f"image record header claims {flag} float32 labels, more than a record can hold",
-                            path=reader.path, offset=offset)
+        raise RecordIOError(
+            f"image record header claims {flag} float32 labels, more than a record can hold",
+            path=reader.path,
+            offset=offset,
+        )
     if flag > 0:
         head = reader.read_prefix(offset, _IR.size + 4 * flag)
     return unpack(head)[0]
@@ -756,7 +826,8 @@ def unpack(record: bytes) -> tuple[IRHeader, bytes]:
     if flag > 0:
         end = _IR.size + 4 * flag
         if len(record) < end:
-            raise RecordIOError(f"image record of {len(record)} bytes is too short for its {flag} float32 labels "
-                                f"(needs {end} bytes)")
+            raise RecordIOError(
+                f"image record of {len(record)} bytes is too short for its {flag} float32 labels (needs {end} bytes)"
+            )
         return IRHeader(flag, np.frombuffer(record, np.float32, flag, _IR.size).copy(), id_, id2), record[end:]
-    return IRHeader(flag, label, id_, id2), record[_IR.size:]
+    return IRHeader(flag, label, id_, id2), record[_IR.size :]

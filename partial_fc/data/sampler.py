@@ -38,8 +38,15 @@ def _count(value: object, name: str, minimum: int) -> int:
 class DistributedEpochSampler(Sampler[int]):
     """This rank's share of each epoch: disjoint across ranks, deterministic in (seed, epoch), resumable."""
 
-    def __init__(self, dataset_len: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        dataset_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ):
         """Sample ``range(dataset_len)`` for ``rank`` of ``world_size``; see the module docstring for padding."""
         self.dataset_len = _count(dataset_len, "dataset_len", 1)
         self.world_size = _count(world_size, "world_size", 1)
@@ -71,7 +78,7 @@ class DistributedEpochSampler(Sampler[int]):
             if self.shuffle:
                 np.random.default_rng([self.seed, self.epoch]).shuffle(order)
             total = self.num_samples * self.world_size
-            mine = np.resize(order, total)[self.rank::self.world_size].astype(np.int64)  # resize wraps around
+            mine = np.resize(order, total)[self.rank :: self.world_size].astype(np.int64)  # resize wraps around
             mine.flags.writeable = False
             self._cached = (self.epoch, mine)
         return self._cached[1]
@@ -98,15 +105,21 @@ class DistributedEpochSampler(Sampler[int]):
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "position"}``, plus ``world_size`` and ``dataset_len`` to check the restore against."""
-        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size,
-                "dataset_len": self.dataset_len}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "world_size": self.world_size,
+            "dataset_len": self.dataset_len,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue where ``state`` was taken; the same seed, world size and data set are needed for the same order."""
         for key in ("world_size", "dataset_len"):
             if key in state and int(state[key]) != getattr(self, key):
-                raise InputError(f"sampler state was saved with {key}={state[key]}, this run has "
-                                 f"{key}={getattr(self, key)}: the rest of the epoch cannot continue exactly")
+                raise InputError(
+                    f"sampler state was saved with {key}={state[key]}, this run has "
+                    f"{key}={getattr(self, key)}: the rest of the epoch cannot continue exactly"
+                )
         epoch = _count(state["epoch"], "epoch", 0)
         position = _count(state["position"], "position", 0)
         if position > self.num_samples:
@@ -117,7 +130,7 @@ class DistributedEpochSampler(Sampler[int]):
 def _iterate(indices: np.ndarray, start: int) -> Iterator[int]:
     """Yield ``indices[start:]`` as Python ints, converting a chunk at a time."""
     for begin in range(start, len(indices), _CHUNK):
-        yield from indices[begin:begin + _CHUNK].tolist()
+        yield from indices[begin : begin + _CHUNK].tolist()
 
 
 def _mix(values: np.ndarray) -> np.ndarray:
@@ -177,15 +190,17 @@ class EpochBatchSampler(Sampler[SeededBatch]):
     def __iter__(self) -> Iterator[SeededBatch]:
         """The remaining batches of the epoch (the sampler's state is read now, not lazily)."""
         s = self.sampler
-        return _batches(s.indices(), s.position, self.batch_size, self.drop_last, (self.seed, s.epoch), s.rank,
-                        s.world_size)
+        return _batches(
+            s.indices(), s.position, self.batch_size, self.drop_last, (self.seed, s.epoch), s.rank, s.world_size
+        )
 
 
-def _batches(indices: np.ndarray, start: int, size: int, drop_last: bool, seed: tuple[int, int], rank: int,
-             world_size: int) -> Iterator[SeededBatch]:
+def _batches(
+    indices: np.ndarray, start: int, size: int, drop_last: bool, seed: tuple[int, int], rank: int, world_size: int
+) -> Iterator[SeededBatch]:
     """Cut ``indices[start:]`` into ``SeededBatch``es; this rank's local position ``p`` is global ``p * W + rank``."""
     for begin in range(start, len(indices), size):
-        chunk = indices[begin:begin + size]
+        chunk = indices[begin : begin + size]
         if drop_last and len(chunk) < size:
             return
         positions = range(begin * world_size + rank, (begin + len(chunk)) * world_size + rank, world_size)

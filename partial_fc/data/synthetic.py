@@ -96,20 +96,50 @@ def render_face(attributes: FaceAttributes, rng: np.random.Generator, size: int 
 
     cx, cy = 0.5, 0.53
     face_axes = (_pixel(a.face_width, big), _pixel(a.face_height, big))
-    cv2.ellipse(canvas, at(cx, cy - a.face_height * 0.35), (face_axes[0] + 4, _pixel(a.face_height * 0.75 + a.hair_depth, big)), 0, 180, 360, _bgr(a.hair, light), -1)
+    cv2.ellipse(
+        canvas,
+        at(cx, cy - a.face_height * 0.35),
+        (face_axes[0] + 4, _pixel(a.face_height * 0.75 + a.hair_depth, big)),
+        0,
+        180,
+        360,
+        _bgr(a.hair, light),
+        -1,
+    )
     cv2.ellipse(canvas, at(cx, cy), face_axes, 0, 0, 360, _bgr(a.skin, light), -1)
     if a.beard:
-        cv2.ellipse(canvas, at(cx, cy + a.face_height * 0.35), (face_axes[0] - 6, _pixel(a.face_height * 0.45, big)), 0, 0, 180, _bgr(a.hair, light * 0.8), -1)
+        cv2.ellipse(
+            canvas,
+            at(cx, cy + a.face_height * 0.35),
+            (face_axes[0] - 6, _pixel(a.face_height * 0.45, big)),
+            0,
+            0,
+            180,
+            _bgr(a.hair, light * 0.8),
+            -1,
+        )
     openness = rng.uniform(0.55, 1.0)
     gaze = rng.uniform(-0.3, 0.3)
     for side in (-1, 1):
         ex, ey = cx + side * a.eye_spacing, a.eye_height
         eye_axes = (_pixel(a.eye_size, big), max(1, _pixel(a.eye_size * 0.6 * openness, big)))
         cv2.ellipse(canvas, at(ex, ey), eye_axes, 0, 0, 360, (245, 245, 245), -1)
-        cv2.circle(canvas, at(ex + gaze * a.eye_size * 0.5, ey), max(1, _pixel(a.eye_size * 0.45, big)), _bgr(a.iris, light), -1)
+        cv2.circle(
+            canvas,
+            at(ex + gaze * a.eye_size * 0.5, ey),
+            max(1, _pixel(a.eye_size * 0.45, big)),
+            _bgr(a.iris, light),
+            -1,
+        )
         brow_y = ey - a.eye_size * 1.6
         tilt = side * a.brow_tilt * a.eye_size
-        cv2.line(canvas, at(ex - a.eye_size * 1.2, brow_y + tilt), at(ex + a.eye_size * 1.2, brow_y - tilt), _bgr(a.hair, light * 0.7), max(1, _pixel(0.008 * a.brow_weight, big)))
+        cv2.line(
+            canvas,
+            at(ex - a.eye_size * 1.2, brow_y + tilt),
+            at(ex + a.eye_size * 1.2, brow_y - tilt),
+            _bgr(a.hair, light * 0.7),
+            max(1, _pixel(0.008 * a.brow_weight, big)),
+        )
         if a.glasses:
             cv2.circle(canvas, at(ex, ey), _pixel(a.eye_size * 1.9, big), (20, 20, 20), max(1, _pixel(0.008, big)))
     nose_top, nose_tip = a.eye_height + 0.04, a.eye_height + 0.04 + a.nose_length
@@ -118,7 +148,9 @@ def render_face(attributes: FaceAttributes, rng: np.random.Generator, size: int 
     smile = a.smile + rng.uniform(-0.5, 0.5)
     mouth_axes = (_pixel(a.mouth_width / 2, big), max(1, _pixel(abs(smile) * 0.03 + 0.006, big)))
     start, end = (0, 180) if smile >= 0 else (180, 360)
-    cv2.ellipse(canvas, at(cx, a.mouth_height), mouth_axes, 0, start, end, _bgr(a.lips, light), max(2, _pixel(0.018, big)))
+    cv2.ellipse(
+        canvas, at(cx, a.mouth_height), mouth_axes, 0, start, end, _bgr(a.lips, light), max(2, _pixel(0.018, big))
+    )
 
     angle = rng.uniform(-10, 10)
     scale = rng.uniform(0.9, 1.1)
@@ -138,7 +170,6 @@ def render_identity_image(seed: int, identity: int, index: int, size: int = IMAG
     """Image `index` of `identity`: deterministic in (seed, identity, index)."""
     rng = np.random.default_rng([seed, identity, index, 0xFACE])
     return render_face(identity_attributes(seed, identity), rng, size)
-
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
@@ -178,8 +209,13 @@ def _pair_plan(holdout_start: int, holdout: int, images_per_identity: int, pairs
             plan.append(((identity, int(first)), (identity, int(second)), True))
         else:
             one, other = rng.choice(holdout, size=2, replace=False)
-            plan.append(((holdout_start + int(one), int(rng.integers(images_per_identity))),
-                         (holdout_start + int(other), int(rng.integers(images_per_identity))), False))
+            plan.append(
+                (
+                    (holdout_start + int(one), int(rng.integers(images_per_identity))),
+                    (holdout_start + int(other), int(rng.integers(images_per_identity))),
+                    False,
+                )
+            )
     return plan
 
 
@@ -208,7 +244,9 @@ def write_synthetic_set(
     from partial_fc.progress import Progress
 
     if identities < 1 or images_per_identity < 1:
-        raise InputError(f"make-synthetic needs at least 1 identity and 1 image each, got {identities} and {images_per_identity}")
+        raise InputError(
+            f"make-synthetic needs at least 1 identity and 1 image each, got {identities} and {images_per_identity}"
+        )
     if pairs > 0 and (holdout_identities < 2 or images_per_identity < 2):
         raise InputError("verification pairs need at least 2 held-out identities and 2 images per identity")
     out = Path(out_dir)
@@ -224,12 +262,20 @@ def write_synthetic_set(
                 written += len(image)
             bar.update(len(images))
         plan = _pair_plan(identities, holdout_identities, images_per_identity, pairs, seed)
-        pair_jobs = [(seed, identity, index, 1, quality) for first, second, _ in plan for identity, index in (first, second)]
+        pair_jobs = [
+            (seed, identity, index, 1, quality) for first, second, _ in plan for identity, index in (first, second)
+        ]
         pair_images = [images[0] for images in pool.map(_identity_images, pair_jobs, chunksize=16)]
     write_lst(out / "train.lst", entries)
     if pairs:
         write_bin(out / "synthetic.bin", pair_images, [same for _, _, same in plan])
     if progress:
         bar.close()
-    return SyntheticSet(identities * images_per_identity, identities, holdout_identities, pairs,
-                        written + sum(map(len, pair_images)), bar.seconds)
+    return SyntheticSet(
+        identities * images_per_identity,
+        identities,
+        holdout_identities,
+        pairs,
+        written + sum(map(len, pair_images)),
+        bar.seconds,
+    )

@@ -49,8 +49,13 @@ class IjbImage:
     index: int
 
 
-def ijb_plan(identities: int, templates_per_identity: int = 4, medias_per_template: int = 2,
-             images_per_media: int = 3, first_identity: int = IJB_FIRST_IDENTITY) -> list[IjbImage]:
+def ijb_plan(
+    identities: int,
+    templates_per_identity: int = 4,
+    medias_per_template: int = 2,
+    images_per_media: int = 3,
+    first_identity: int = IJB_FIRST_IDENTITY,
+) -> list[IjbImage]:
     """Every image of the set, subject by subject; templates, medias and images are numbered from 1."""
     counter = itertools.count(1)
     plan = []
@@ -119,9 +124,17 @@ def _template_pairs(plan: list[IjbImage], impostor_ratio: int, rng: np.random.Ge
     return genuine + [(a, b, 0) for a, b in impostors]
 
 
-def write_synthetic_ijb(out: Path, identities: int = 20, templates_per_identity: int = 4, medias_per_template: int = 2,
-                        images_per_media: int = 3, impostor_ratio: int = 4, first_identity: int = IJB_FIRST_IDENTITY,
-                        quality: int = 95, seed: int = 0) -> dict:
+def write_synthetic_ijb(
+    out: Path,
+    identities: int = 20,
+    templates_per_identity: int = 4,
+    medias_per_template: int = 2,
+    images_per_media: int = 3,
+    impostor_ratio: int = 4,
+    first_identity: int = IJB_FIRST_IDENTITY,
+    quality: int = 95,
+    seed: int = 0,
+) -> dict:
     """Write the set under `out` (see the module docstring); returns the paths written and the counts.
 
     1:N: the subjects are split (seeded) into thirds, G1, G2 and neither; a gallery subject's first template is
@@ -129,9 +142,11 @@ def write_synthetic_ijb(out: Path, identities: int = 20, templates_per_identity:
     """
     started = time.monotonic()
     if identities < 3 or templates_per_identity < 2 or medias_per_template < 1 or images_per_media < 1:
-        raise InputError(f"a synthetic IJB set needs at least 3 identities with 2 templates each and 1 media of 1 "
-                         f"image per template, got {identities}, {templates_per_identity}, {medias_per_template}, "
-                         f"{images_per_media}")
+        raise InputError(
+            f"a synthetic IJB set needs at least 3 identities with 2 templates each and 1 media of 1 "
+            f"image per template, got {identities}, {templates_per_identity}, {medias_per_template}, "
+            f"{images_per_media}"
+        )
     if not 1 <= quality <= 100:
         raise InputError(f"JPEG quality {quality} is outside 1-100")
     if first_identity < 0 or impostor_ratio < 0:
@@ -154,7 +169,7 @@ def write_synthetic_ijb(out: Path, identities: int = 20, templates_per_identity:
     pairs = _template_pairs(plan, impostor_ratio, np.random.default_rng([seed, 0x1A1B]))
     subjects = np.random.default_rng([seed, 0x1B1B]).permutation(np.arange(first_identity, first_identity + identities))
     third = identities // 3
-    galleries = {"G1": set(subjects[:third].tolist()), "G2": set(subjects[third:2 * third].tolist())}
+    galleries = {"G1": set(subjects[:third].tolist()), "G2": set(subjects[third : 2 * third].tolist())}
     first_template = {}
     for image in plan:
         first_template.setdefault(image.subject, image.template)
@@ -162,7 +177,9 @@ def write_synthetic_ijb(out: Path, identities: int = 20, templates_per_identity:
     def protocol_rows(keep) -> list[str]:
         return [PROTOCOL_COLUMNS] + [
             f"{image.template},{image.subject},{image.name},{image.media},{','.join(map(str, boxes[image.name]))}"
-            for image in plan if keep(image)]
+            for image in plan
+            if keep(image)
+        ]
 
     files = {
         "loose_crop": crops,
@@ -176,22 +193,34 @@ def write_synthetic_ijb(out: Path, identities: int = 20, templates_per_identity:
     _write_text(files["name_5pts_score"], landmark_lines)
     _write_text(files["template_pair_label"], [f"{a} {b} {label}" for a, b, label in pairs])
     for name in ("G1", "G2"):
-        _write_text(files[f"gallery_{name}"], protocol_rows(
-            lambda image, name=name: image.subject in galleries[name] and image.template == first_template[image.subject]))
+        _write_text(
+            files[f"gallery_{name}"],
+            protocol_rows(
+                lambda image, name=name: (
+                    image.subject in galleries[name] and image.template == first_template[image.subject]
+                )
+            ),
+        )
     _write_text(files["probe_mixed"], protocol_rows(lambda image: image.template != first_template[image.subject]))
     _write_text(files["face_tid_mid"], [f"{image.name} {image.template} {image.media}" for image in plan])
 
     enrolled = galleries["G1"] | galleries["G2"]
     probe_templates = {image.template for image in plan if image.template != first_template[image.subject]}
-    unmated = {image.template for image in plan
-               if image.template in probe_templates and image.subject not in enrolled}
+    unmated = {image.template for image in plan if image.template in probe_templates and image.subject not in enrolled}
     genuine = sum(label for _, _, label in pairs)
     return {
-        "out": str(out), "files": {key: str(path) for key, path in files.items()},
-        "images": len(plan), "subjects": identities, "first_identity": first_identity,
-        "templates": identities * templates_per_identity, "medias": len({image.media for image in plan}),
-        "genuine_pairs": genuine, "impostor_pairs": len(pairs) - genuine,
-        "gallery_G1": len(galleries["G1"]), "gallery_G2": len(galleries["G2"]),
-        "probe_templates": len(probe_templates), "unmated_probe_templates": len(unmated),
+        "out": str(out),
+        "files": {key: str(path) for key, path in files.items()},
+        "images": len(plan),
+        "subjects": identities,
+        "first_identity": first_identity,
+        "templates": identities * templates_per_identity,
+        "medias": len({image.media for image in plan}),
+        "genuine_pairs": genuine,
+        "impostor_pairs": len(pairs) - genuine,
+        "gallery_G1": len(galleries["G1"]),
+        "gallery_G2": len(galleries["G2"]),
+        "probe_templates": len(probe_templates),
+        "unmated_probe_templates": len(unmated),
         "seconds": round(time.monotonic() - started, 3),
     }

@@ -33,8 +33,9 @@ import multiprocessing
 import os
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -136,8 +137,11 @@ def _read_image(plan: SetPlan, key: int) -> tuple[int, bytes]:
     except RecordIOError as error:
         raise _located(error, path, key) from None
     if plan.label_bound is not None and label >= plan.label_bound:
-        raise RecordIOError(f"label {label} is not below the set's {plan.label_bound} classes, so merged sets "
-                            "would share identities", path=path, key=key)
+        raise RecordIOError(
+            f"label {label} is not below the set's {plan.label_bound} classes, so merged sets would share identities",
+            path=path,
+            key=key,
+        )
     if not payload:
         raise RecordIOError("image record holds no image bytes", path=path, key=key)
     return label, payload
@@ -146,7 +150,7 @@ def _read_image(plan: SetPlan, key: int) -> tuple[int, bytes]:
 def _chunk_keys(plan: SetPlan, chunk: int, size: int) -> tuple[int, np.ndarray]:
     """First position and image keys of one chunk."""
     first = chunk * size
-    return first, plan.image_keys[first:first + size]
+    return first, plan.image_keys[first : first + size]
 
 
 def _chunk_labels(chunk: int) -> tuple[int, np.ndarray]:
@@ -160,13 +164,14 @@ def _chunk_labels(chunk: int) -> tuple[int, np.ndarray]:
 def _chunk_numbers(plan: SetPlan, first: int, keys: np.ndarray) -> np.ndarray:
     """n of each image of a chunk: from the label pass, or its place in its identity's key range."""
     if plan.numbers is not None:
-        return plan.numbers[first:first + len(keys)]
+        return plan.numbers[first : first + len(keys)]
     assert plan.starts is not None and plan.ends is not None
     at = np.searchsorted(plan.starts, keys, side="right") - 1
     inside = (at >= 0) & (keys < plan.ends[np.maximum(at, 0)])
     if not inside.all():
-        raise RecordIOError("image key lies in no identity range of the header", path=plan.reader.path,
-                            key=int(keys[~inside][0]))
+        raise RecordIOError(
+            "image key lies in no identity range of the header", path=plan.reader.path, key=int(keys[~inside][0])
+        )
     return keys - plan.starts[at]
 
 
@@ -203,8 +208,7 @@ def _unpack_chunk(chunk: int) -> ChunkResult:
     return ChunkResult(chunk, len(keys), written, kept, nbytes)
 
 
-def _map(function: Callable, chunks: list[int], plan: SetPlan, output: str, chunk_size: int,
-         workers: int) -> Iterator:
+def _map(function: Callable, chunks: list[int], plan: SetPlan, output: str, chunk_size: int, workers: int) -> Iterator:
     """`function` over `chunks` in worker processes (in this one when `workers` is 1), results as they finish."""
     global _WORK
     if workers == 1 or len(chunks) <= 1:
@@ -259,9 +263,17 @@ def _fingerprint(plans: list[SetPlan], chunk_size: int) -> dict:
     sets = []
     for plan in plans:
         rec, idx = os.stat(plan.reader.path), os.stat(plan.reader.idx_path)
-        sets.append({"rec": os.path.abspath(plan.reader.path), "rec_bytes": rec.st_size, "rec_mtime_ns": rec.st_mtime_ns,
-                     "idx_bytes": idx.st_size, "idx_mtime_ns": idx.st_mtime_ns, "images": len(plan.image_keys),
-                     "classes": plan.classes})
+        sets.append(
+            {
+                "rec": os.path.abspath(plan.reader.path),
+                "rec_bytes": rec.st_size,
+                "rec_mtime_ns": rec.st_mtime_ns,
+                "idx_bytes": idx.st_size,
+                "idx_mtime_ns": idx.st_mtime_ns,
+                "images": len(plan.image_keys),
+                "classes": plan.classes,
+            }
+        )
     return {"version": 1, "chunk_size": chunk_size, "sets": sets}
 
 
@@ -281,7 +293,7 @@ def _label_pass(plan: SetPlan, output: str, chunk_size: int, workers: int, progr
     labels = np.empty(len(plan.image_keys), np.int64)
     bar = Progress(len(labels), f"unpack: labels of {plan.directory}", interval=1.0 if progress else float("inf"))
     for chunk, values in _map(_chunk_labels, list(range(plan.chunks(chunk_size))), plan, output, chunk_size, workers):
-        labels[chunk * chunk_size:chunk * chunk_size + len(values)] = values
+        labels[chunk * chunk_size : chunk * chunk_size + len(values)] = values
         bar.update(len(values))
     if progress:
         bar.close()
@@ -309,13 +321,15 @@ def verify_output(output: str, expected: int) -> tuple[int, int]:
         images, identities = images + count, identities + (count > 0)
     if images != expected or problems:
         detail = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-        raise PartialFCError(f"{output}: {images} images unpacked for {expected} image records"
-                             + (f"; {detail}" if detail else ""))
+        raise PartialFCError(
+            f"{output}: {images} images unpacked for {expected} image records" + (f"; {detail}" if detail else "")
+        )
     return images, identities
 
 
-def unpack_sets(directories: Iterable[str], output: str, workers: int = 1, chunk_size: int = 2048,
-                progress: bool = True) -> dict:
+def unpack_sets(
+    directories: Iterable[str], output: str, workers: int = 1, chunk_size: int = 2048, progress: bool = True
+) -> dict:
     """Unpack the sets into `output` (resuming an earlier run there) and check the result; returns the summary."""
     directories = list(directories)
     if not directories:
@@ -337,12 +351,19 @@ def unpack_sets(directories: Iterable[str], output: str, workers: int = 1, chunk
         for plan in plans:
             plan.reader.close()
     images, identities = verify_output(output, sum(len(plan.image_keys) for plan in plans))
-    return {"output": output, "sets": len(plans), "images": images, "identities": identities, **totals,
-            "seconds": round(time.monotonic() - started, 3)}
+    return {
+        "output": output,
+        "sets": len(plans),
+        "images": images,
+        "identities": identities,
+        **totals,
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
-def _unpack_plans(plans: list[SetPlan], output: str, state: _State, workers: int, chunk_size: int,
-                  progress: bool) -> dict:
+def _unpack_plans(
+    plans: list[SetPlan], output: str, state: _State, workers: int, chunk_size: int, progress: bool
+) -> dict:
     """Unpack every chunk the state does not record as finished, set after set; returns the counts."""
     pending = [[c for c in range(plan.chunks(chunk_size)) if c not in state.done[i]] for i, plan in enumerate(plans)]
     todo = sum(len(_chunk_keys(plan, c, chunk_size)[1]) for plan, chunks in zip(plans, pending) for c in chunks)

@@ -16,8 +16,9 @@ import math
 import os
 import runpy
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from easydict import EasyDict
@@ -298,7 +299,7 @@ def load_config(
     for var in sorted(environ):
         if not var.startswith(ENV_PREFIX):
             continue
-        key = var[len(ENV_PREFIX):].lower()
+        key = var[len(ENV_PREFIX) :].lower()
         where = f"environment variable {var}"
         if key not in DEFAULTS:
             raise _unknown_key(key, where, spell=lambda k: ENV_PREFIX + k.upper())
@@ -372,8 +373,19 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "three finite numbers (m1, m2, m3) with m1 > 0",
     ),
 }
-_POSITIVE_INTS = ("batch_size", "num_classes", "num_image", "num_epoch", "embedding_size", "frequent", "verbose",
-                  "gradient_acc", "max_nonfinite_steps", "keep_checkpoints", "val_batch_size")
+_POSITIVE_INTS = (
+    "batch_size",
+    "num_classes",
+    "num_image",
+    "num_epoch",
+    "embedding_size",
+    "frequent",
+    "verbose",
+    "gradient_acc",
+    "max_nonfinite_steps",
+    "keep_checkpoints",
+    "val_batch_size",
+)
 _RULES.update({key: (lambda v: v > 0, "a positive integer") for key in _POSITIVE_INTS})
 
 
@@ -424,8 +436,10 @@ def validate(config: Mapping[str, Any], sources: Mapping[str, str] | None = None
         )
     if valid.get("optimizer") == "adamw" and valid.get("momentum_dtype", "storage") != "storage":
         where = sources.get("momentum_dtype", "config")
-        problems.append(f"momentum_dtype = {config['momentum_dtype']!r} (from {where}) applies to optimizer = 'sgd' "
-                        "only: AdamW keeps its moments in storage_dtype")
+        problems.append(
+            f"momentum_dtype = {config['momentum_dtype']!r} (from {where}) applies to optimizer = 'sgd' "
+            "only: AdamW keeps its moments in storage_dtype"
+        )
     missing = [key for key in DEFAULTS if key not in config]
     if missing:
         problems.append(f"config lacks keys: {', '.join(missing)}")
@@ -464,8 +478,11 @@ def config_to_dict(config: Mapping[str, Any], redact: bool = True) -> dict[str, 
 
 def changed_keys(before: Mapping[str, Any], after: Mapping[str, Any], ignore: Sequence[str] = ()) -> list[str]:
     """`key: old -> new` for every key whose JSON value differs between two config dicts."""
-    return [f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
-            for key in sorted(set(before) | set(after)) if key not in ignore and before.get(key) != after.get(key)]
+    return [
+        f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
+        for key in sorted(set(before) | set(after))
+        if key not in ignore and before.get(key) != after.get(key)
+    ]
 
 
 def agree_on_config(config: Mapping[str, Any], comm: Communicator) -> None:
@@ -480,8 +497,11 @@ def agree_on_config(config: Mapping[str, Any], comm: Communicator) -> None:
     if len(set(every)) == 1:
         return
     configs = [comm.broadcast_object(data, root=rank) for rank in range(comm.world_size)]
-    differing = [f"rank {rank}: " + ", ".join(changed_keys(configs[0], other))
-                 for rank, other in enumerate(configs) if other != configs[0]]
+    differing = [
+        f"rank {rank}: " + ", ".join(changed_keys(configs[0], other))
+        for rank, other in enumerate(configs)
+        if other != configs[0]
+    ]
     raise InputError("the ranks were started with different configs (against rank 0's): " + "; ".join(differing))
 
 

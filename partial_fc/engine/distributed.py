@@ -83,8 +83,12 @@ def distribute_backbone(
         return DataParallelBackbone(model, optimizer)
     if comm.name == "horovod":
         hvd = comm.hvd
-        averaged = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), op=hvd.Average,
-                                            backward_passes_per_step=accumulation_steps)
+        averaged = hvd.DistributedOptimizer(
+            optimizer,
+            named_parameters=model.named_parameters(),
+            op=hvd.Average,
+            backward_passes_per_step=accumulation_steps,
+        )
         return _HorovodBackbone(model, averaged)
     if comm.name == "torch":
         device_ids = [comm.device.index] if comm.device.type == "cuda" else None

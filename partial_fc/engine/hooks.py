@@ -4,8 +4,9 @@ perf window, the profiler's steps, verification and checkpoints on their rhythm.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,8 +36,15 @@ class PerfWindow(StepHook):
     """Perf mode's measured stretch: `steps` steps after `WARMUP_PERF_STEPS` untimed ones, ending at step `end`;
     its throughput and time shares are the run's result."""
 
-    def __init__(self, first_step: int, steps: int, timer: PhaseTimer, samples_per_step: int, ranks: int,
-                 report: Callable[[str], None]):
+    def __init__(
+        self,
+        first_step: int,
+        steps: int,
+        timer: PhaseTimer,
+        samples_per_step: int,
+        ranks: int,
+        report: Callable[[str], None],
+    ):
         self.begin = first_step + WARMUP_PERF_STEPS
         self.end = self.begin + steps
         self.timer, self.samples_per_step, self.ranks, self.report = timer, samples_per_step, ranks, report
@@ -51,8 +59,10 @@ class PerfWindow(StepHook):
         seconds, steps = time.perf_counter() - self.started_at, max(0, step - self.begin)
         result.samples_per_second = steps * self.samples_per_step / max(seconds, 1e-9)
         result.phases = self.timer.shares()
-        self.report(f"perf: {steps} steps, {result.samples_per_second:,.1f} samples/s over {self.ranks} ranks; time in "
-                    + ", ".join(f"{name} {share:.1%}" for name, share in result.phases.items()))
+        self.report(
+            f"perf: {steps} steps, {result.samples_per_second:,.1f} samples/s over {self.ranks} ranks; time in "
+            + ", ".join(f"{name} {share:.1%}" for name, share in result.phases.items())
+        )
 
 
 class ProfilerSteps(StepHook):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -83,8 +83,9 @@ class PhaseTimer:
 class TrainMonitor:
     """Rank 0's log lines and TensorBoard scalars; other ranks only count."""
 
-    def __init__(self, rank: int, world_size: int, total_steps: int, frequent: int, output: Path | None,
-                 resuming: bool = False):
+    def __init__(
+        self, rank: int, world_size: int, total_steps: int, frequent: int, output: Path | None, resuming: bool = False
+    ):
         """Rank 0 writes TensorBoard events to ``output/tensorboard`` and lines to ``output/metrics.jsonl``
         (continued when ``resuming``, started afresh otherwise)."""
         self.rank, self.world_size = rank, world_size
@@ -109,16 +110,19 @@ class TrainMonitor:
         except OSError as error:
             if not self._print_failed:
                 self._print_failed = True
-                print_line(f"partial-fc: warning: cannot write the log (standard output): {os_error_cause(error)}; "
-                           "training goes on")
+                print_line(
+                    f"partial-fc: warning: cannot write the log (standard output): {os_error_cause(error)}; "
+                    "training goes on"
+                )
 
     def scalars(self, step: int, **values: float) -> None:
         """TensorBoard scalars on rank 0."""
         if self.writer is not None:
             self.writer.scalars(step, values)
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, samples: int, grad_norm: float,
-             loss_scale: float | None) -> None:
+    def step(
+        self, step: int, epoch: int, loss: float, lr: float, samples: int, grad_norm: float, loss_scale: float | None
+    ) -> None:
         """Count one optimizer step of ``samples`` per rank; every ``frequent`` steps print and log the window.
 
         ``grad_norm`` is the backbone's global gradient norm before clipping (logged as the window's mean)."""
@@ -134,8 +138,10 @@ class TrainMonitor:
         seconds_per_step = elapsed / len(self._losses)
         left = _duration(seconds_per_step * (self.total_steps - step))
         scale = "" if loss_scale is None else f" | loss scale {loss_scale:g}"
-        self.print(f"step {step}/{self.total_steps} | epoch {epoch} | {speed:,.1f} samples/s | loss {mean_loss:.4f} "
-                   f"| lr {lr:.6f} | grad norm {grad_norm:.3g}{scale} | {left} left")
+        self.print(
+            f"step {step}/{self.total_steps} | epoch {epoch} | {speed:,.1f} samples/s | loss {mean_loss:.4f} "
+            f"| lr {lr:.6f} | grad norm {grad_norm:.3g}{scale} | {left} left"
+        )
         values = {"loss": mean_loss, "learning_rate": lr, "grad_norm": grad_norm, "samples_per_second": speed}
         if loss_scale is not None:
             values["loss_scale"] = loss_scale

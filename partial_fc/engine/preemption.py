@@ -53,12 +53,12 @@ class StopSignals:
     def _request(self, number: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = number
-            print_line(f"rank {self.rank}: {signal.Signals(number).name} received, stopping after this step "
-                       "with a checkpoint")
+            print_line(
+                f"rank {self.rank}: {signal.Signals(number).name} received, stopping after this step with a checkpoint"
+            )
 
     def agreed(self, comm: Communicator) -> str | None:
         """The name of the signal some rank received, the same on every rank (a collective), or None."""
         flag = torch.tensor([float(self.received or 0)], device=comm.device)
         number = int(comm.all_reduce(flag, ReduceOp.MAX).item())
         return signal.Signals(number).name if number else None
-

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, IO, Optional
+from typing import IO, Any
 
 from partial_fc.fileio import os_error_cause
 from partial_fc.progress import print_line
@@ -33,8 +34,10 @@ class _GuardedFile:
             action()
         except OSError as error:
             self.failed = True
-            print_line(f"partial-fc: warning: cannot write {self.path}: {os_error_cause(error)}; no more {self.what} "
-                       "are written in this run (training goes on)")
+            print_line(
+                f"partial-fc: warning: cannot write {self.path}: {os_error_cause(error)}; no more {self.what} "
+                "are written in this run (training goes on)"
+            )
 
 
 class MetricsFile(_GuardedFile):
@@ -42,7 +45,7 @@ class MetricsFile(_GuardedFile):
 
     def __init__(self, path: Path, append: bool) -> None:
         super().__init__(path, "metrics")
-        self._handle: Optional[IO[str]] = None
+        self._handle: IO[str] | None = None
         self._guard(lambda: setattr(self, "_handle", open(path, "a" if append else "w", encoding="utf-8")))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -23,7 +23,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 from partial_fc.errors import PartialFCError
 from partial_fc.fileio import os_error_cause
@@ -46,13 +45,13 @@ def _boot_id() -> str:
         return ""
 
 
-def _process_stat(pid: int) -> Optional[tuple[str, str]]:
+def _process_stat(pid: int) -> tuple[str, str] | None:
     """(state, start time in clock ticks since boot) of process `pid` from /proc, or None where unknown."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
-    fields = text[text.rfind(")") + 2:].split()  # after "pid (command) "
+    fields = text[text.rfind(")") + 2 :].split()  # after "pid (command) "
     return (fields[0], fields[19]) if len(fields) > 19 else None
 
 
@@ -60,8 +59,10 @@ def _job_attempt() -> tuple[str, int]:
     """(job id, attempt) as run.sh (PARTIAL_FC_JOB_ID, PARTIAL_FC_ATTEMPT) or torchrun (TORCHELASTIC_RUN_ID,
     TORCHELASTIC_RESTART_COUNT) publish them; ("", 0) under other launchers. torchrun's default id "none" is
     shared by unrelated jobs, so it does not count."""
-    for job_name, attempt_name in (("PARTIAL_FC_JOB_ID", "PARTIAL_FC_ATTEMPT"),
-                                   ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")):
+    for job_name, attempt_name in (
+        ("PARTIAL_FC_JOB_ID", "PARTIAL_FC_ATTEMPT"),
+        ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"),
+    ):
         job = os.environ.get(job_name, "")
         if job and job != "none" and os.environ.get(attempt_name, "0").isdigit():
             return job, int(os.environ.get(attempt_name, "0"))
@@ -81,21 +82,25 @@ class Owner:
     attempt: int = 0  # which start of that job this is (0 first, 1 the first restart, ...)
 
     @classmethod
-    def of_process(cls, pid: int) -> "Owner":
+    def of_process(cls, pid: int) -> Owner:
         """Process `pid` of this host, as an owner from now on."""
         stat = _process_stat(pid)
         job, attempt = _job_attempt()
         return cls(socket.gethostname(), pid, _boot_id(), stat[1] if stat else "", time.time(), job, attempt)
 
     @classmethod
-    def this_process(cls) -> "Owner":
+    def this_process(cls) -> Owner:
         return cls.of_process(os.getpid())
 
     def is_this_process(self) -> bool:
         """The same process as this one (its start time tells a reused pid apart)."""
         mine = Owner.this_process()
         return (self.host, self.pid, self.boot_id, self.process_start) == (
-            mine.host, mine.pid, mine.boot_id, mine.process_start)
+            mine.host,
+            mine.pid,
+            mine.boot_id,
+            mine.process_start,
+        )
 
     def is_alive(self, heartbeat: float, stale_after: float = STALE_AFTER_S) -> bool:
         """On this host: the process still runs (and the host did not reboot); elsewhere: a recent `heartbeat`.
@@ -140,13 +145,20 @@ def write_owner(path: Path, owner: Owner) -> None:
         raise
 
 
-def read_owner(path: Path) -> Optional[tuple[Owner, float]]:
+def read_owner(path: Path) -> tuple[Owner, float] | None:
     """The owner recorded in `path` and its heartbeat (the file's modification time); None if missing or unreadable."""
     try:
         heartbeat = path.stat().st_mtime
         data = json.loads(path.read_text(encoding="utf-8"))
-        return Owner(str(data["host"]), int(data["pid"]), str(data["boot_id"]), str(data["process_start"]),
-                     float(data["since"]), str(data.get("job", "")), int(data.get("attempt", 0))), heartbeat
+        return Owner(
+            str(data["host"]),
+            int(data["pid"]),
+            str(data["boot_id"]),
+            str(data["process_start"]),
+            float(data["since"]),
+            str(data.get("job", "")),
+            int(data.get("attempt", 0)),
+        ), heartbeat
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -154,13 +166,13 @@ def read_owner(path: Path) -> Optional[tuple[Owner, float]]:
 class RunLock:
     """The lock on an output folder held by this process; `release()` frees it, a heartbeat thread keeps it fresh."""
 
-    def __init__(self, path: Path, owner: Owner, took_over: Optional[Owner]) -> None:
+    def __init__(self, path: Path, owner: Owner, took_over: Owner | None) -> None:
         self.path, self.owner, self.took_over = path, owner, took_over
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     @classmethod
-    def acquire(cls, folder: Path, stale_after: float = STALE_AFTER_S) -> "RunLock":
+    def acquire(cls, folder: Path, stale_after: float = STALE_AFTER_S) -> RunLock:
         """Lock `folder` (created if missing) for this process, taking over a stale lock; OutputFolderError when
         a live run holds it or the folder is not writable."""
         path = Path(folder) / LOCK_NAME
@@ -174,17 +186,21 @@ class RunLock:
             except FileExistsError:
                 pass
             except OSError as error:
-                raise OutputFolderError(f"cannot create the run lock {path}: {os_error_cause(error)}; the output "
-                                        "folder must be writable") from error
+                raise OutputFolderError(
+                    f"cannot create the run lock {path}: {os_error_cause(error)}; the output folder must be writable"
+                ) from error
             holder, heartbeat = read_owner(path) or (None, _modified(path))
             if holder is None and time.time() - heartbeat < stale_after:
-                raise OutputFolderError(f"output folder {folder} is locked by {path}, which does not say by whom "
-                                        f"(unreadable); if no run uses this folder, delete {path}")
+                raise OutputFolderError(
+                    f"output folder {folder} is locked by {path}, which does not say by whom "
+                    f"(unreadable); if no run uses this folder, delete {path}"
+                )
             if holder is not None and holder.is_alive(heartbeat, stale_after):
                 raise OutputFolderError(
                     f"output folder {folder} is in use by another run ({holder.describe()}; heartbeat "
                     f"{max(0.0, time.time() - heartbeat):.0f} s ago, lock file {path}): use another output folder, "
-                    f"or wait for that run to end; if it is dead, delete {path}")
+                    f"or wait for that run to end; if it is dead, delete {path}"
+                )
             if _break_stale(path, holder):
                 took_over = holder
         raise OutputFolderError(f"output folder {folder}: other runs keep taking the lock {path}; try again")
@@ -192,8 +208,9 @@ class RunLock:
     def start_heartbeat(self, interval: float = HEARTBEAT_S) -> None:
         """Touch the lock file every `interval` seconds from a daemon thread, while it is still ours."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._beat, args=(interval,), name="partial_fc-run-lock",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._beat, args=(interval,), name="partial_fc-run-lock", daemon=True
+            )
             self._thread.start()
 
     def _holds(self) -> bool:
@@ -203,8 +220,10 @@ class RunLock:
     def _beat(self, interval: float) -> None:
         while not self._stop.wait(interval):
             if not self._holds():
-                print_line(f"partial-fc: warning: the run lock {self.path} is no longer this run's (deleted by hand, "
-                           "or taken over after a missed heartbeat): another run may now write to this folder")
+                print_line(
+                    f"partial-fc: warning: the run lock {self.path} is no longer this run's (deleted by hand, "
+                    "or taken over after a missed heartbeat): another run may now write to this folder"
+                )
                 return
             try:
                 os.utime(self.path)
@@ -231,7 +250,7 @@ def _modified(path: Path) -> float:
         return 0.0
 
 
-def _break_stale(path: Path, holder: Optional[Owner]) -> bool:
+def _break_stale(path: Path, holder: Owner | None) -> bool:
     """Move the stale lock of `holder` (None: unreadable) out of the way; False when another run replaced it
     meanwhile (then it is put back)."""
     aside = path.with_name(f"{path.name}.stale.{os.getpid()}")

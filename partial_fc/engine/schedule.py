@@ -18,11 +18,20 @@ class PolyWarmupSchedule:
     """lr(step) = base_lr * (step + 1) / warmup_steps during warmup, then
     base_lr * (1 - (step - warmup_steps) / (total_steps - warmup_steps)) ** power, reaching 0 at total_steps."""
 
-    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], base_lr: float, total_steps: int,
-                 warmup_steps: int = 0, power: float = 1.0, lr_mults: Sequence[float] | None = None):
+    def __init__(
+        self,
+        optimizers: Sequence[torch.optim.Optimizer],
+        base_lr: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+        power: float = 1.0,
+        lr_mults: Sequence[float] | None = None,
+    ):
         if total_steps < 1 or not 0 <= warmup_steps < total_steps:
-            raise InputError(f"schedule needs total_steps >= 1 and 0 <= warmup_steps < total_steps, got "
-                             f"total_steps={total_steps}, warmup_steps={warmup_steps}")
+            raise InputError(
+                f"schedule needs total_steps >= 1 and 0 <= warmup_steps < total_steps, got "
+                f"total_steps={total_steps}, warmup_steps={warmup_steps}"
+            )
         self.optimizers = list(optimizers)
         self.lr_mults = list(lr_mults) if lr_mults is not None else [1.0] * len(self.optimizers)
         if len(self.lr_mults) != len(self.optimizers):
@@ -54,8 +63,13 @@ class PolyWarmupSchedule:
         self._apply()
 
     def state_dict(self) -> dict[str, int | float]:
-        return {"last_step": self.last_step, "base_lr": self.base_lr, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "power": self.power}
+        return {
+            "last_step": self.last_step,
+            "base_lr": self.base_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "power": self.power,
+        }
 
     def load_state_dict(self, state: dict[str, int | float]) -> None:
         """Continue at the saved step; the shape of the schedule (lr, steps, power) stays this run's."""

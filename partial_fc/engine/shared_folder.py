@@ -47,12 +47,14 @@ def check_shared_folder(folder: Path, comm: Communicator) -> None:
     if failure:
         raise UnsharedFolderError(failure)
     seen = torch.tensor([1 if _sees(probe, token) else 0], device=comm.device)
-    missing = [rank for rank, flag in enumerate(comm.all_gather(seen, sizes=[1] * comm.world_size).tolist())
-               if not flag]
+    missing = [
+        rank for rank, flag in enumerate(comm.all_gather(seen, sizes=[1] * comm.world_size).tolist()) if not flag
+    ]
     if comm.rank == 0:
         probe.unlink(missing_ok=True)
     if missing:
         here = "" if comm.rank not in missing else f" (this is rank {comm.rank}, on host {socket.gethostname()})"
         raise UnsharedFolderError(
             f"the output folder {folder} is not shared by every rank: rank(s) {', '.join(map(str, missing))} do not "
-            f"see the file rank 0 wrote there{here}; put output on a filesystem every host mounts (NFS, Lustre, GPFS)")
+            f"see the file rank 0 wrote there{here}; put output on a filesystem every host mounts (NFS, Lustre, GPFS)"
+        )

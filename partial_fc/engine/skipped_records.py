@@ -3,7 +3,7 @@ and the run stopped, on every rank at the same batch, once more than ``max_bad_r
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,11 +38,14 @@ class SkippedRecords:
             for record in self.comm.broadcast_object(new if rank == self.comm.rank else None, root=rank):
                 if (record.file, record.key) not in self.records:
                     self.records[record.file, record.key] = (rank, record)
-                    self.log(f"step {step}: skipped bad record {record} (rank {rank}); {len(self)} so far, "
-                             f"max_bad_records={self.limit}")
+                    self.log(
+                        f"step {step}: skipped bad record {record} (rank {rank}); {len(self)} so far, "
+                        f"max_bad_records={self.limit}"
+                    )
         if len(self) > self.limit:
             last = next(reversed(self.records.values()))[1]
             raise TooManyBadRecords(
                 f"stopped at step {step}: {len(self)} bad records skipped, more than max_bad_records={self.limit} "
                 f"(the last: {last}); `partial-fc check-data --rec {self.data}` lists every bad record; fix them (or "
-                "raise max_bad_records) and start again, with --resume to continue from the last checkpoint")
+                "raise max_bad_records) and start again, with --resume to continue from the last checkpoint"
+            )

@@ -63,7 +63,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             means = ctx.comm.all_reduce(sums, ReduceOp.SUM) / total
             scale = invstd if weight is None else invstd * weight
-            grad_x = (grad - _channel_view(means[0], grad) - normalised * _channel_view(means[1], grad))
+            grad_x = grad - _channel_view(means[0], grad) - normalised * _channel_view(means[1], grad)
             grad_x = grad_x * _channel_view(scale, grad)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
@@ -72,8 +72,15 @@ class SyncBatchNorm(_BatchNorm):
     """BatchNorm1d/2d/3d with statistics over every rank's batch while training (the same parameter and buffer
     names, so checkpoints and published weights load either way); evaluation and one rank are plain BatchNorm."""
 
-    def __init__(self, num_features: int, comm: Communicator, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        comm: Communicator,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.comm = comm
 
@@ -112,8 +119,9 @@ def convert_sync_batchnorm(module: nn.Module, comm: Communicator) -> nn.Module:
     The new layers hold the old layers' very parameter and buffer tensors, so an optimizer built before the
     conversion still updates them."""
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        converted = SyncBatchNorm(module.num_features, comm, module.eps, module.momentum, module.affine,
-                                  module.track_running_stats)
+        converted = SyncBatchNorm(
+            module.num_features, comm, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         for name, parameter in module.named_parameters(recurse=False):
             setattr(converted, name, parameter)
         for name, buffer in module.named_buffers(recurse=False):

@@ -19,9 +19,10 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +37,15 @@ from partial_fc.comm.timed import TimedCommunicator
 from partial_fc.data.datasets import ImageFolderDataset, RandomFaceDataset, RecordFaceDataset
 from partial_fc.data.loader import build_loader, device_batch
 from partial_fc.data.sampler import DistributedEpochSampler
-from partial_fc.engine.checkpoint import (CheckpointSaveError, TrainingParts, backbone_weights_file, clean_leftovers,
-                                          find_latest, load_checkpoint, save_checkpoint)
+from partial_fc.engine.checkpoint import (
+    CheckpointSaveError,
+    TrainingParts,
+    backbone_weights_file,
+    clean_leftovers,
+    find_latest,
+    load_checkpoint,
+    save_checkpoint,
+)
 from partial_fc.engine.config import DTYPES, SWITCH_AUTO, agree_on_config, changed_keys, config_to_dict
 from partial_fc.engine.distributed import distribute_backbone
 from partial_fc.engine.hooks import Checkpoints, PerfWindow, ProfilerSteps, StepHook, Verification
@@ -88,16 +96,22 @@ def build_dataset(cfg: EasyDict) -> Any:
     if (root / "train.rec").is_file():
         dataset = RecordFaceDataset(root, image_size=size, flip=True, max_bad_per_batch=cfg.max_bad_records)
         if len(dataset.cut_off) > cfg.max_bad_records:
-            raise InputError(f"{len(dataset.cut_off)} records of {rec} are cut off by a truncated .rec, more than "
-                             f"max_bad_records={cfg.max_bad_records} (the first: {dataset.cut_off[0]})")
+            raise InputError(
+                f"{len(dataset.cut_off)} records of {rec} are cut off by a truncated .rec, more than "
+                f"max_bad_records={cfg.max_bad_records} (the first: {dataset.cut_off[0]})"
+            )
     elif root.is_dir() and not (root / "train.idx").exists():
         dataset = ImageFolderDataset(root, image_size=size, flip=True, max_bad_per_batch=cfg.max_bad_records)
     else:
-        raise MissingInputError(f"rec={rec!r}: no {root / 'train.rec'} (with train.idx) and not an image folder; "
-                                "make one with `partial-fc make-synthetic --out DIR` or `partial-fc im2rec`")
+        raise MissingInputError(
+            f"rec={rec!r}: no {root / 'train.rec'} (with train.idx) and not an image folder; "
+            "make one with `partial-fc make-synthetic --out DIR` or `partial-fc im2rec`"
+        )
     if dataset.num_classes > cfg.num_classes:
-        raise InputError(f"num_classes={cfg.num_classes} is smaller than the {dataset.num_classes} classes of "
-                         f"{rec} (labels up to {dataset.num_classes - 1}): set num_classes >= {dataset.num_classes}")
+        raise InputError(
+            f"num_classes={cfg.num_classes} is smaller than the {dataset.num_classes} classes of "
+            f"{rec} (labels up to {dataset.num_classes - 1}): set num_classes >= {dataset.num_classes}"
+        )
     return dataset
 
 
@@ -117,16 +131,22 @@ def _channels_last(cfg: EasyDict, device: torch.device) -> bool:
     return bool(cfg.channels_last) and device.type == "cuda"
 
 
-def build_optimizers(cfg: EasyDict, backbone: nn.Module, head: PartialFC
-                     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+def build_optimizers(
+    cfg: EasyDict, backbone: nn.Module, head: PartialFC
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """The backbone's torch optimizer and the head's sparse one, both of ``cfg.optimizer``'s kind."""
     in_backward = cfg.gradient_acc == 1
     if cfg.optimizer == "sgd":
-        body = torch.optim.SGD(backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
+        body = torch.optim.SGD(backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         plain = cfg.momentum_dtype == "none"  # the centers without momentum (the backbone keeps it)
-        centers = SparseSGD(head, lr=cfg.lr, momentum=0.0 if plain else cfg.momentum, weight_decay=cfg.weight_decay,
-                            update_in_backward=in_backward, momentum_dtype="storage" if plain else cfg.momentum_dtype)
+        centers = SparseSGD(
+            head,
+            lr=cfg.lr,
+            momentum=0.0 if plain else cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            update_in_backward=in_backward,
+            momentum_dtype="storage" if plain else cfg.momentum_dtype,
+        )
     else:
         body = torch.optim.AdamW(backbone.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         centers = SparseAdamW(head, lr=cfg.lr, weight_decay=cfg.weight_decay, update_in_backward=in_backward)
@@ -162,32 +182,50 @@ class Trainer:
         self.comm = TimedCommunicator(comm, lambda: self.timer.phase("communication")) if self.perf_steps else comm
         seed_everything(cfg.seed)
         self.dataset = build_dataset(cfg)
-        self.verifier = Verifier(load_verification_sets(list(cfg.val_targets), cfg.val_dir, cfg.image_size),
-                                 comm, cfg.embedding_size, cfg.val_batch_size)
+        self.verifier = Verifier(
+            load_verification_sets(list(cfg.val_targets), cfg.val_dir, cfg.image_size),
+            comm,
+            cfg.embedding_size,
+            cfg.val_batch_size,
+        )
         self.sampler = DistributedEpochSampler(len(self.dataset), comm.rank, comm.world_size, seed=cfg.seed)
         self.micro_steps_per_epoch = self.sampler.num_samples // cfg.batch_size
         if self.micro_steps_per_epoch < cfg.gradient_acc:
-            raise InputError(f"batch_size={cfg.batch_size} x {comm.world_size} ranks x gradient_acc="
-                             f"{cfg.gradient_acc} needs more than the {len(self.dataset)} images of {cfg.rec}")
+            raise InputError(
+                f"batch_size={cfg.batch_size} x {comm.world_size} ranks x gradient_acc="
+                f"{cfg.gradient_acc} needs more than the {len(self.dataset)} images of {cfg.rec}"
+            )
         self.steps_per_epoch = self.micro_steps_per_epoch // cfg.gradient_acc
         self.total_steps = self.steps_per_epoch * cfg.num_epoch
         self.raw_backbone = build_backbone(cfg, self.device)
-        margin = CombinedMargin(s=cfg.margin_scale, m1=cfg.margin_list[0], m2=cfg.margin_list[1],
-                                m3=cfg.margin_list[2])
-        self.head = PartialFC(margin, cfg.embedding_size, cfg.num_classes, cfg.sample_rate,
-                              cfg.fp16 and self.device.type == "cuda", comm=self.comm,
-                              storage_dtype=DTYPES[cfg.storage_dtype], seed=cfg.seed,
-                              interclass_filtering_threshold=cfg.interclass_filtering_threshold,
-                              initialise=not cfg.resume)  # a resume fills the shard: not written twice
+        margin = CombinedMargin(s=cfg.margin_scale, m1=cfg.margin_list[0], m2=cfg.margin_list[1], m3=cfg.margin_list[2])
+        self.head = PartialFC(
+            margin,
+            cfg.embedding_size,
+            cfg.num_classes,
+            cfg.sample_rate,
+            cfg.fp16 and self.device.type == "cuda",
+            comm=self.comm,
+            storage_dtype=DTYPES[cfg.storage_dtype],
+            seed=cfg.seed,
+            interclass_filtering_threshold=cfg.interclass_filtering_threshold,
+            initialise=not cfg.resume,
+        )  # a resume fills the shard: not written twice
         self.centers_pending = bool(cfg.resume)  # until resume() loads them, or finds none and initialises
         body_optimizer, self.head_optimizer = build_optimizers(cfg, self.raw_backbone, self.head)
-        self.replicas = distribute_backbone(self.raw_backbone, body_optimizer, comm,
-                                            accumulation_steps=cfg.gradient_acc, sync_batchnorm=cfg.sync_bn)
+        self.replicas = distribute_backbone(
+            self.raw_backbone, body_optimizer, comm, accumulation_steps=cfg.gradient_acc, sync_batchnorm=cfg.sync_bn
+        )
         self.backbone_optimizer = self.replicas.optimizer
         warmup = min(int(self.steps_per_epoch * cfg.warmup_epoch), self.total_steps - 1)
-        self.schedule = PolyWarmupSchedule([self.backbone_optimizer, self.head_optimizer], cfg.lr,
-                                           self.total_steps, warmup, cfg.lr_power,
-                                           lr_mults=[cfg.backbone_lr_mult, 1.0])
+        self.schedule = PolyWarmupSchedule(
+            [self.backbone_optimizer, self.head_optimizer],
+            cfg.lr,
+            self.total_steps,
+            warmup,
+            cfg.lr_power,
+            lr_mults=[cfg.backbone_lr_mult, 1.0],
+        )
         self.amp_dtype = DTYPES[cfg.amp_dtype] if cfg.fp16 else None
         use_scaler = self.amp_dtype == torch.float16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -195,19 +233,27 @@ class Trainer:
         # keep their copy-on-write image alive, and every row the optimizer writes would then be duplicated
         # (10M classes on 2 ranks of a 24 GiB machine: killed for memory by the second step).
         start_method = "forkserver" if self.device.type == "cpu" else None
-        self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, num_workers=cfg.num_workers,
-                                   seed=cfg.seed, start_method=start_method)
+        self.loader = build_loader(
+            self.dataset,
+            cfg.batch_size,
+            self.sampler,
+            num_workers=cfg.num_workers,
+            seed=cfg.seed,
+            start_method=start_method,
+        )
         self.step, self.skipped, self.nonfinite_in_a_row = 0, 0, 0
         self.run_lock: RunLock | None = None
         claimed = run_on_root(comm, self._claim_output)
-        self.monitor = TrainMonitor(comm.rank, comm.world_size, self.total_steps, cfg.frequent, self.output,
-                                    resuming=bool(cfg.resume))
+        self.monitor = TrainMonitor(
+            comm.rank, comm.world_size, self.total_steps, cfg.frequent, self.output, resuming=bool(cfg.resume)
+        )
         for line in claimed:
             self.monitor.print(line)
         self.skipped_records = SkippedRecords(self.comm, cfg.max_bad_records, str(cfg.rec), self.monitor.print)
         self.stop_signals = StopSignals(comm.rank)
-        self.watchdog = StepWatchdog(comm.rank, comm.world_size, self.output / "heartbeat", cfg.stall_timeout,
-                                     locate=lambda: self.timer.current)
+        self.watchdog = StepWatchdog(
+            comm.rank, comm.world_size, self.output / "heartbeat", cfg.stall_timeout, locate=lambda: self.timer.current
+        )
 
     # ------------------------------------------------------------------------------------------------ state
     @property
@@ -217,8 +263,15 @@ class Trainer:
     @property
     def parts(self) -> TrainingParts:
         """What a checkpoint saves of this run and restores into it."""
-        return TrainingParts(self.raw_backbone, self.backbone_optimizer, self.head, self.head_optimizer, self.schedule,
-                             self.sampler, self.scaler)
+        return TrainingParts(
+            self.raw_backbone,
+            self.backbone_optimizer,
+            self.head,
+            self.head_optimizer,
+            self.schedule,
+            self.sampler,
+            self.scaler,
+        )
 
     def _claim_output(self) -> list[str]:
         """Rank 0: lock the output folder for this run, tidy a dead run's leftover saves, and write config.json,
@@ -249,8 +302,10 @@ class Trainer:
         source = self.checkpoint_root if resume is True or resume == SWITCH_AUTO else Path(resume)
 
         def weights_hint(weights: Path) -> str:
-            return (f"backbone weights alone cannot continue a run; to start a new run (fresh centers, any "
-                    f"num_classes) from them set init_weights={weights} and leave resume off")
+            return (
+                f"backbone weights alone cannot continue a run; to start a new run (fresh centers, any "
+                f"num_classes) from them set init_weights={weights} and leave resume off"
+            )
 
         if source.is_file():
             raise InputError(f"resume={source} is a file, not a checkpoint folder: {weights_hint(source)}")
@@ -260,8 +315,10 @@ class Trainer:
             return None
         weights = sorted(source.glob("*.pth")) if source.is_dir() else []
         if weights:
-            raise InputError(f"resume={resume}: {source} holds no partial_fc checkpoint but {weights[0].name}: "
-                             f"{weights_hint(weights[0])}")
+            raise InputError(
+                f"resume={resume}: {source} holds no partial_fc checkpoint but {weights[0].name}: "
+                f"{weights_hint(weights[0])}"
+            )
         raise MissingInputError(f"resume={resume} but {source} holds no complete checkpoint")
 
     def _initialise_pending_centers(self) -> None:
@@ -282,19 +339,25 @@ class Trainer:
         state = load_checkpoint(source, self.parts, comm=self.comm)
         self.centers_pending = False
         if state.step >= self.total_steps:
-            raise InputError(f"{state.path} is at step {state.step}, and this plan ends at step {self.total_steps} "
-                             f"(num_epoch={self.cfg.num_epoch}): nothing is left to train; raise num_epoch to go on")
+            raise InputError(
+                f"{state.path} is at step {state.step}, and this plan ends at step {self.total_steps} "
+                f"(num_epoch={self.cfg.num_epoch}): nothing is left to train; raise num_epoch to go on"
+            )
         self.step = state.step
         for reason in state.skipped:
             self.monitor.print(f"warning: passed over a corrupt checkpoint: {reason}")
-        self.monitor.print(f"resumed from {state.path}{' (the newest valid checkpoint)' if state.skipped else ''} "
-                           f"at step {state.step}, epoch {state.epoch}"
-                           + (f" (saved on {state.saved_world_size} ranks, re-sharded)" if state.resharded else "")
-                           + "".join(f"; {note}" for note in state.notes))
+        self.monitor.print(
+            f"resumed from {state.path}{' (the newest valid checkpoint)' if state.skipped else ''} "
+            f"at step {state.step}, epoch {state.epoch}"
+            + (f" (saved on {state.saved_world_size} ranks, re-sharded)" if state.resharded else "")
+            + "".join(f"; {note}" for note in state.notes)
+        )
         changes = changed_keys(state.config, config_to_dict(self.cfg), ignore=("resume",))
         if changes:
-            self.monitor.print(f"config changed since the checkpoint: {'; '.join(changes)}; the learning rate of "
-                               f"step {state.step + 1} is now {self.schedule.lr_at(state.step):.6g}")
+            self.monitor.print(
+                f"config changed since the checkpoint: {'; '.join(changes)}; the learning rate of "
+                f"step {state.step + 1} is now {self.schedule.lr_at(state.step):.6g}"
+            )
 
     def save(self, final: bool = False) -> Path | None:
         """A checkpoint of everything needed to continue exactly (a collective). When it cannot be written every
@@ -302,16 +365,26 @@ class Trainer:
         None, to try again at the next checkpoint (``continue``)."""
         with self.watchdog.slow("checkpoint"):
             try:
-                return save_checkpoint(self.checkpoint_root, self.parts, comm=self.comm, step=self.step,
-                                       epoch=self.sampler.epoch, config=config_to_dict(self.cfg),
-                                       keep=self.cfg.keep_checkpoints)
+                return save_checkpoint(
+                    self.checkpoint_root,
+                    self.parts,
+                    comm=self.comm,
+                    step=self.step,
+                    epoch=self.sampler.epoch,
+                    config=config_to_dict(self.cfg),
+                    keep=self.cfg.keep_checkpoints,
+                )
             except CheckpointSaveError as error:  # raised alike on every rank, so every rank decides alike
                 if self.cfg.on_save_error == "stop" or final:
                     why = "on_save_error=stop" if self.cfg.on_save_error == "stop" else "the run's last checkpoint"
-                    raise TrainingStopped(f"{error}; stopped after step {self.step} ({why}): make room or fix the "
-                                          "folder, then continue with --resume") from error
-                print_line(f"partial-fc: warning: rank {self.comm.rank}: {error}; training goes on "
-                           "(on_save_error=continue) and the next checkpoint tries again")
+                    raise TrainingStopped(
+                        f"{error}; stopped after step {self.step} ({why}): make room or fix the "
+                        "folder, then continue with --resume"
+                    ) from error
+                print_line(
+                    f"partial-fc: warning: rank {self.comm.rank}: {error}; training goes on "
+                    "(on_save_error=continue) and the next checkpoint tries again"
+                )
                 return None
 
     # ------------------------------------------------------------------------------------------------- step
@@ -328,9 +401,11 @@ class Trainer:
         self.head.take_sampled()
         self.monitor.print(f"step {self.step + 1}: skipped ({why}); {self.nonfinite_in_a_row} in a row")
         if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
-            raise TrainingStopped(f"stopped at step {self.step + 1}: {self.nonfinite_in_a_row} steps in a row had "
-                                  f"{why} (max_nonfinite_steps={self.cfg.max_nonfinite_steps}); lower lr, "
-                                  "use amp_dtype=bfloat16, or check the data")
+            raise TrainingStopped(
+                f"stopped at step {self.step + 1}: {self.nonfinite_in_a_row} steps in a row had "
+                f"{why} (max_nonfinite_steps={self.cfg.max_nonfinite_steps}); lower lr, "
+                "use amp_dtype=bfloat16, or check the data"
+            )
 
     @property
     def backbone_frozen(self) -> bool:
@@ -423,24 +498,32 @@ class Trainer:
             self.close()
         if result.stopped_by and self.step < self.total_steps:
             where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
-            self.monitor.print(f"stopped by {result.stopped_by} after step {self.step} of {self.total_steps}{where}; "
-                               "continue with the same command and --resume (RESUME=1 for run.sh and config.sh)")
+            self.monitor.print(
+                f"stopped by {result.stopped_by} after step {self.step} of {self.total_steps}{where}; "
+                "continue with the same command and --resume (RESUME=1 for run.sh and config.sh)"
+            )
             raise TrainingPreempted(f"stopped by {result.stopped_by} after step {self.step}")
         return result
 
     def _begin(self) -> None:
         """Report the plan; a frozen backbone goes into eval mode, so BatchNorm uses and keeps its loaded statistics."""
         cfg = self.cfg
-        self.monitor.print(f"training {cfg.network} on {len(self.dataset)} images, {cfg.num_classes} classes, "
-                           f"{self.comm.world_size} ranks x batch {cfg.batch_size}: {self.total_steps} steps "
-                           f"({self.steps_per_epoch} per epoch)")
+        self.monitor.print(
+            f"training {cfg.network} on {len(self.dataset)} images, {cfg.num_classes} classes, "
+            f"{self.comm.world_size} ranks x batch {cfg.batch_size}: {self.total_steps} steps "
+            f"({self.steps_per_epoch} per epoch)"
+        )
         if cfg.rec != "synthetic" and cfg.num_image != len(self.dataset):
-            self.monitor.print(f"note: num_image={cfg.num_image} in the config, but {cfg.rec} holds "
-                               f"{len(self.dataset)} images; steps follow the data set")
+            self.monitor.print(
+                f"note: num_image={cfg.num_image} in the config, but {cfg.rec} holds "
+                f"{len(self.dataset)} images; steps follow the data set"
+            )
         if self.backbone_frozen:
             self.raw_backbone.eval()
-            self.monitor.print(f"backbone frozen until step {cfg.freeze_backbone_steps}: only the centers train, "
-                               "BatchNorm statistics stay as loaded")
+            self.monitor.print(
+                f"backbone frozen until step {cfg.freeze_backbone_steps}: only the centers train, "
+                "BatchNorm statistics stay as loaded"
+            )
 
     def _fit(self) -> TrainResult:
         """Epochs up to the plan's last step (perf mode: the perf window's), the hooks after each step and epoch."""
@@ -450,12 +533,15 @@ class Trainer:
         samples_per_step = cfg.batch_size * cfg.gradient_acc * self.comm.world_size
         hooks: list[StepHook]
         if self.perf_steps:
-            perf = PerfWindow(self.step, self.perf_steps, self.timer, samples_per_step, self.comm.world_size,
-                              self.monitor.print)
+            perf = PerfWindow(
+                self.step, self.perf_steps, self.timer, samples_per_step, self.comm.world_size, self.monitor.print
+            )
             hooks, last_step = [perf], min(perf.end, self.total_steps)
         else:
-            hooks = [Verification(cfg.verbose, self.total_steps, self._evaluate),
-                     Checkpoints(cfg.checkpoint_every, self.save)]
+            hooks = [
+                Verification(cfg.verbose, self.total_steps, self._evaluate),
+                Checkpoints(cfg.checkpoint_every, self.save),
+            ]
             last_step = self.total_steps
         with contextlib.ExitStack() as stack:
             if cfg.profile:
@@ -479,9 +565,15 @@ class Trainer:
         cfg = self.cfg
         for loss, grad_norm in self._steps():
             result.loss = loss
-            self.monitor.step(self.step, self.sampler.epoch, loss, self.schedule.lr_at(self.step - 1),
-                              cfg.batch_size * cfg.gradient_acc, grad_norm,
-                              None if self.scaler is None else float(self.scaler.get_scale()))
+            self.monitor.step(
+                self.step,
+                self.sampler.epoch,
+                loss,
+                self.schedule.lr_at(self.step - 1),
+                cfg.batch_size * cfg.gradient_acc,
+                grad_norm,
+                None if self.scaler is None else float(self.scaler.get_scale()),
+            )
             result.stopped_by = self.stop_signals.agreed(self.comm)
             if result.stopped_by:
                 return
@@ -530,8 +622,9 @@ class Trainer:
         self.step += 1
         if self.step == cfg.freeze_backbone_steps and self.step < self.total_steps:
             self.raw_backbone.train()
-            self.monitor.print(f"step {self.step}: backbone unfrozen, learning rate x{cfg.backbone_lr_mult:g} of "
-                               "the centers'")
+            self.monitor.print(
+                f"step {self.step}: backbone unfrozen, learning rate x{cfg.backbone_lr_mult:g} of the centers'"
+            )
         self.watchdog.progress(self.step)
         self.schedule.step()
 
@@ -547,5 +640,8 @@ class Trainer:
         def write(prof: torch.profiler.profile) -> None:
             prof.export_chrome_trace(str(folder / f"trace_rank{rank}.json"))
 
-        return torch.profiler.profile(activities=activities, on_trace_ready=write,
-                                      schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1))
+        return torch.profiler.profile(
+            activities=activities,
+            on_trace_ready=write,
+            schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
+        )

@@ -36,8 +36,9 @@ def load_verification_sets(names: list[str], folder: str | Path, image_size: int
     for name in names:
         path = Path(folder) / f"{name}.bin"
         if not path.is_file():
-            raise MissingInputError(f"{path}: no such verification set (val_targets names {name!r}; "
-                                    f"set val_dir or val_targets)")
+            raise MissingInputError(
+                f"{path}: no such verification set (val_targets names {name!r}; set val_dir or val_targets)"
+            )
         images, issame = load_bin(path, (image_size, image_size))
         sets.append(VerificationSet(name, path, images, issame))
     return sets
@@ -57,7 +58,7 @@ class Verifier:
         start, count = shard_range(images.shape[0], world, self.comm.rank)
         sizes = [shard_range(images.shape[0], world, rank)[1] for rank in range(world)]
         if count:
-            emb, flipped = compute_embeddings(model, images[start:start + count], batch_size=self.batch_size)
+            emb, flipped = compute_embeddings(model, images[start : start + count], batch_size=self.batch_size)
         else:  # more ranks than images
             emb = flipped = torch.empty((0, self.embedding_size))
         both = torch.cat([emb, flipped], dim=1).to(self.comm.device)

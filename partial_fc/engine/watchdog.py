@@ -37,8 +37,9 @@ def collective_timeout(stall_timeout: float) -> float:
 class StepWatchdog:
     """Watches this rank's progress (`progress(step)`, `slow(phase)`) from a daemon thread; see the module doc."""
 
-    def __init__(self, rank: int, world_size: int, folder: Path, timeout_s: float,
-                 locate: Callable[[], str] = lambda: "training") -> None:
+    def __init__(
+        self, rank: int, world_size: int, folder: Path, timeout_s: float, locate: Callable[[], str] = lambda: "training"
+    ) -> None:
         """`locate()` says where in a step the rank is (the trainer's innermost phase: data, backbone, head...)."""
         self.rank, self.world_size, self.folder, self.timeout_s = rank, world_size, Path(folder), float(timeout_s)
         self.locate = locate
@@ -79,8 +80,13 @@ class StepWatchdog:
 
     def _beat(self) -> None:
         self.last_beat = time.monotonic()
-        record = {"rank": self.rank, "step": self.step, "phase": self.current_phase, "where": self.locate(),
-                  "time": time.time()}
+        record = {
+            "rank": self.rank,
+            "step": self.step,
+            "phase": self.current_phase,
+            "where": self.locate(),
+            "time": time.time(),
+        }
         path = self.folder / f"rank_{self.rank}.json"
         temporary = path.with_name(f".{path.name}.{os.getpid()}")
         try:
@@ -107,8 +113,11 @@ class StepWatchdog:
                 records[rank] = json.loads((self.folder / f"rank_{rank}.json").read_text())
             except (OSError, ValueError):
                 missing.append(rank)
-        blamed = [rank for rank, record in records.items()
-                  if now - record["time"] > self.timeout_s / 2 or record["step"] < self.step]
+        blamed = [
+            rank
+            for rank, record in records.items()
+            if now - record["time"] > self.timeout_s / 2 or record["step"] < self.step
+        ]
         if not blamed and not missing and records:
             places = [record["where"] for record in records.values()]
             usual = max(set(places), key=places.count)
@@ -116,8 +125,10 @@ class StepWatchdog:
         found = [f"rank {rank} (no heartbeat in {self.folder})" for rank in missing]
         for rank in blamed:
             record = records[rank]
-            found.append(f"rank {rank} (step {record['step']}, in {record['phase']}/{record['where']}, last "
-                         f"heartbeat {now - record['time']:.0f} s ago)")
+            found.append(
+                f"rank {rank} (step {record['step']}, in {record['phase']}/{record['where']}, last "
+                f"heartbeat {now - record['time']:.0f} s ago)"
+            )
         return found
 
     def _end_job(self, frozen: float) -> None:
@@ -127,7 +138,9 @@ class StepWatchdog:
         else:
             culprits = self.stalled_ranks()
             blame = ("stalled: " + ", ".join(culprits)) if culprits else "every rank is where this one is"
-        print_line(f"partial-fc: error: rank {self.rank}: no progress for {waited:.0f} s after step {self.step} "
-              f"(in {self.current_phase}/{self.locate()}; stall_timeout={self.timeout_s:g}); {blame}; "
-                   "ending the job")
+        print_line(
+            f"partial-fc: error: rank {self.rank}: no progress for {waited:.0f} s after step {self.step} "
+            f"(in {self.current_phase}/{self.locate()}; stall_timeout={self.timeout_s:g}); {blame}; "
+            "ending the job"
+        )
         os._exit(STALLED_STATUS)

@@ -60,14 +60,15 @@ def rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return rows
 
 
-def pair_scores(ids: np.ndarray, feats: np.ndarray, first: np.ndarray, second: np.ndarray,
-                chunk: int = PAIR_CHUNK) -> np.ndarray:
+def pair_scores(
+    ids: np.ndarray, feats: np.ndarray, first: np.ndarray, second: np.ndarray, chunk: int = PAIR_CHUNK
+) -> np.ndarray:
     """Cosine score [P] float64 of each template pair, ``chunk`` pairs at a time (memory ~ chunk x D)."""
     scores = np.empty(first.shape[0])
     for start in range(0, first.shape[0], chunk):
-        a = feats[rows_of(ids, first[start:start + chunk])]
-        b = feats[rows_of(ids, second[start:start + chunk])]
-        scores[start:start + chunk] = np.einsum("ij,ij->i", a, b)
+        a = feats[rows_of(ids, first[start : start + chunk])]
+        b = feats[rows_of(ids, second[start : start + chunk])]
+        scores[start : start + chunk] = np.einsum("ij,ij->i", a, b)
     return scores
 
 
@@ -100,7 +101,9 @@ def _sklearn_points(curve: RocCurve, negatives: int, positives: int) -> tuple[np
     return fps / fps[-1], tps / tps[-1]
 
 
-def tar_at_fars(scores: np.ndarray, same: np.ndarray, fars: tuple[float, ...] = FARS) -> tuple[RocCurve, list[TarReading]]:
+def tar_at_fars(
+    scores: np.ndarray, same: np.ndarray, fars: tuple[float, ...] = FARS
+) -> tuple[RocCurve, list[TarReading]]:
     """The ROC and, for each FAR target, the published and the strict TAR (see the module docstring)."""
     same = np.asarray(same, dtype=bool)
     negatives, positives = int((~same).sum()), int(same.sum())
@@ -136,9 +139,16 @@ class GalleryResult:
         return self.hits[rank] / self.mated if self.mated else None
 
 
-def identify(probe_feats: np.ndarray, probe_subjects: np.ndarray, gallery_feats: np.ndarray,
-             gallery_subjects: np.ndarray, name: str, ranks: tuple[int, ...] = RANKS,
-             fpirs: tuple[float, ...] = FPIRS, chunk: int = PROBE_CHUNK) -> GalleryResult:
+def identify(
+    probe_feats: np.ndarray,
+    probe_subjects: np.ndarray,
+    gallery_feats: np.ndarray,
+    gallery_subjects: np.ndarray,
+    name: str,
+    ranks: tuple[int, ...] = RANKS,
+    fpirs: tuple[float, ...] = FPIRS,
+    chunk: int = PROBE_CHUNK,
+) -> GalleryResult:
     """Rank-k rates and TPIR at FPIR of the probes against one gallery (one template per subject)."""
     mate_of = {int(s): i for i, s in enumerate(gallery_subjects)}
     mate = np.array([mate_of.get(int(s), -1) for s in probe_subjects], dtype=np.int64)
@@ -146,15 +156,15 @@ def identify(probe_feats: np.ndarray, probe_subjects: np.ndarray, gallery_feats:
     best_other = np.full(mate.size, -np.inf)  # highest non-mate score (every score, for a non-mated probe)
     rank = np.zeros(mate.size, dtype=np.int64)
     for start in range(0, mate.size, chunk):
-        sims = probe_feats[start:start + chunk] @ gallery_feats.T
-        rows, cols = np.arange(sims.shape[0]), mate[start:start + chunk]
+        sims = probe_feats[start : start + chunk] @ gallery_feats.T
+        rows, cols = np.arange(sims.shape[0]), mate[start : start + chunk]
         mated = cols >= 0
         own = np.where(mated, sims[rows, np.maximum(cols, 0)], -np.inf)
         others = sims.copy()
         others[rows[mated], cols[mated]] = -np.inf
-        mate_score[start:start + chunk] = own
-        best_other[start:start + chunk] = others.max(axis=1) if others.shape[1] else -np.inf
-        rank[start:start + chunk] = 1 + (others >= own[:, None]).sum(axis=1)
+        mate_score[start : start + chunk] = own
+        best_other[start : start + chunk] = others.max(axis=1) if others.shape[1] else -np.inf
+        rank[start : start + chunk] = 1 + (others >= own[:, None]).sum(axis=1)
     mated = mate >= 0
     correct = mated & (mate_score > best_other)
     top_non_mated = np.sort(best_other[~mated])[::-1]
@@ -190,8 +200,9 @@ def finite_or_none(value: float | None) -> float | None:
 def evaluate_protocol(protocol: Protocol, features: np.ndarray, use_faceness: bool = True) -> tuple[dict, RocCurve]:
     """The 1:1 and (with the CSVs) 1:N numbers of ``protocol`` from its image features, JSON-ready, and the ROC."""
     images = protocol.images
-    ids, feats = pool_templates(image_features(features, images.faceness if use_faceness else None),
-                                images.templates, images.medias)
+    ids, feats = pool_templates(
+        image_features(features, images.faceness if use_faceness else None), images.templates, images.medias
+    )
     pairs = protocol.pairs
     scores = pair_scores(ids, feats, pairs.first, pairs.second)
     curve, readings = tar_at_fars(scores, pairs.same)
@@ -202,28 +213,46 @@ def evaluate_protocol(protocol: Protocol, features: np.ndarray, use_faceness: bo
         "templates": int(ids.size),
         "faceness": use_faceness,
         "verification": {
-            "pairs": int(scores.size), "positive_pairs": int(scores.size - negatives), "negative_pairs": negatives,
-            "tar_at_far": {f"{r.far:.0e}": {"published": r.published_tar, "published_point_far": r.published_far,
-                                             "strict": r.strict_tar,
-                                             "strict_threshold": finite_or_none(r.strict_threshold)}
-                           for r in readings},
+            "pairs": int(scores.size),
+            "positive_pairs": int(scores.size - negatives),
+            "negative_pairs": negatives,
+            "tar_at_far": {
+                f"{r.far:.0e}": {
+                    "published": r.published_tar,
+                    "published_point_far": r.published_far,
+                    "strict": r.strict_tar,
+                    "strict_threshold": finite_or_none(r.strict_threshold),
+                }
+                for r in readings
+            },
         },
     }
     if protocol.probes is not None:
         probes = protocol.probes
         probe_feats = feats[rows_of(ids, probes.templates)]
-        galleries = [identify(probe_feats, probes.subjects, feats[rows_of(ids, g.templates)], g.subjects, g.name)
-                     for g in protocol.galleries]
+        galleries = [
+            identify(probe_feats, probes.subjects, feats[rows_of(ids, g.templates)], g.subjects, g.name)
+            for g in protocol.galleries
+        ]
         mean = mean_over_galleries(galleries)
         result["identification"] = {
             "probes": int(probes.templates.size),
-            "galleries": {g.gallery: {"templates": int(t.templates.size), "mated_probes": g.mated,
-                                   "non_mated_probes": g.non_mated,
-                                   "rank": {str(k): g.rank_rate(k) for k in g.hits},
-                                   "tpir_at_fpir": {f"{f:g}": {"tpir": g.tpir[f], "threshold": g.thresholds[f],
-                                                               "achieved_fpir": g.achieved_fpir[f]} for f in g.tpir}}
-                          for g, t in zip(galleries, protocol.galleries)},
-            "mean": {"rank": {str(k): v for k, v in mean["rank"].items()},
-                     "tpir_at_fpir": {f"{f:g}": v for f, v in mean["tpir"].items()}},
+            "galleries": {
+                g.gallery: {
+                    "templates": int(t.templates.size),
+                    "mated_probes": g.mated,
+                    "non_mated_probes": g.non_mated,
+                    "rank": {str(k): g.rank_rate(k) for k in g.hits},
+                    "tpir_at_fpir": {
+                        f"{f:g}": {"tpir": g.tpir[f], "threshold": g.thresholds[f], "achieved_fpir": g.achieved_fpir[f]}
+                        for f in g.tpir
+                    },
+                }
+                for g, t in zip(galleries, protocol.galleries)
+            },
+            "mean": {
+                "rank": {str(k): v for k, v in mean["rank"].items()},
+                "tpir_at_fpir": {f"{f:g}": v for f, v in mean["tpir"].items()},
+            },
         }
     return result, curve

@@ -7,8 +7,8 @@ equal one rank's. Images are decoded batch by batch; only the features stay in m
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -37,8 +37,7 @@ def aligned_image(folder: Path, images: ImageList, index: int) -> np.ndarray:
     return norm_crop(decode_rgb(data, str(path)), images.landmarks[index])
 
 
-def aligned_batches(folder: Path, images: ImageList, start: int, stop: int,
-                    batch_size: int) -> Iterator[np.ndarray]:
+def aligned_batches(folder: Path, images: ImageList, start: int, stop: int, batch_size: int) -> Iterator[np.ndarray]:
     """Images ``start:stop`` aligned, as uint8 batches [B, 112, 112, 3] of ``batch_size`` (the last may be short)."""
     for first in range(start, stop, batch_size):
         yield np.stack([aligned_image(folder, images, i) for i in range(first, min(first + batch_size, stop))])
@@ -48,7 +47,7 @@ def embed_with_flip(embed: Embedder, batch: np.ndarray, device: torch.device) ->
     """Embedding plus horizontal-flip embedding [B, D] float32 of an aligned uint8 batch, in one forward pass."""
     both = np.concatenate([batch, batch[:, :, ::-1]])
     out = embed(normalize_images(torch.from_numpy(both).to(device)).contiguous())
-    return (out[: batch.shape[0]] + out[batch.shape[0]:]).astype(np.float32)
+    return (out[: batch.shape[0]] + out[batch.shape[0] :]).astype(np.float32)
 
 
 def rank_share(count: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -58,8 +57,15 @@ def rank_share(count: int, batch_size: int, rank: int, world_size: int) -> tuple
     return min(lo * batch_size, count), min(hi * batch_size, count)
 
 
-def image_features(embed: Embedder, folder: Path, images: ImageList, comm: Communicator, batch_size: int,
-                   device: torch.device, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+def image_features(
+    embed: Embedder,
+    folder: Path,
+    images: ImageList,
+    comm: Communicator,
+    batch_size: int,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
     """[N, D] float32 embedding + flip embedding of every image, this rank's share embedded here and gathered."""
     start, stop = rank_share(len(images.names), batch_size, comm.rank, comm.world_size)
     chunks, error = [], None
@@ -109,6 +115,8 @@ def load_features(path: Path, images: ImageList) -> np.ndarray:
     if features.ndim != 2 or features.shape[0] != len(names):
         raise InputError(f"{path}: shape {features.shape} does not match the {len(names)} images of {order}")
     if names != images.names:
-        line = next((i for i, (a, b) in enumerate(zip(names, images.names)) if a != b), min(len(names), len(images.names)))
+        line = next(
+            (i for i, (a, b) in enumerate(zip(names, images.names)) if a != b), min(len(names), len(images.names))
+        )
         raise InputError(f"{order}:{line + 1}: the saved image order differs from {images.source} there")
     return features.astype(np.float32, copy=False)

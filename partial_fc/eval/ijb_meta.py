@@ -216,6 +216,8 @@ def load_protocol(root: str | Path, target: str = "IJBC") -> Protocol:
     for gallery in lists[:2]:
         subjects, counts = np.unique(gallery.subjects, return_counts=True)
         if (counts > 1).any():
-            raise InputError(f"{gallery.source}: subject {subjects[counts > 1][0]} has "
-                             f"{counts[counts > 1][0]} templates; a gallery holds one per subject")
+            raise InputError(
+                f"{gallery.source}: subject {subjects[counts > 1][0]} has "
+                f"{counts[counts > 1][0]} templates; a gallery holds one per subject"
+            )
     return Protocol(target, root, images, pairs, tuple(lists[:2]), lists[2])

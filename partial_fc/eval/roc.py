@@ -7,7 +7,8 @@ every point here is one the accuracy and TAR@FAR computations can reach.
 from __future__ import annotations
 
 import os
-from typing import Mapping, NamedTuple, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,16 +44,21 @@ def roc_curve(dist: Sequence[float] | np.ndarray, issame: Sequence[bool] | np.nd
     same = same.astype(bool)
     positives, negatives = np.sort(d[same]), np.sort(d[~same])
     if positives.size == 0 or negatives.size == 0:
-        raise InputError(f"roc_curve needs positive and negative pairs, got {positives.size} positive and "
-                         f"{negatives.size} negative")
+        raise InputError(
+            f"roc_curve needs positive and negative pairs, got {positives.size} positive and {negatives.size} negative"
+        )
     thresholds = np.append(np.unique(d), np.inf)
     far = np.searchsorted(negatives, thresholds, side="left") / negatives.size
     tar = np.searchsorted(positives, thresholds, side="left") / positives.size
     return RocCurve(far, tar, thresholds)
 
 
-def plot_roc(curves: Mapping[str, RocCurve], path: str | os.PathLike, title: Optional[str] = None,
-             mark_fars: Sequence[float] = (1e-4, 1e-3)) -> None:
+def plot_roc(
+    curves: Mapping[str, RocCurve],
+    path: str | os.PathLike,
+    title: str | None = None,
+    mark_fars: Sequence[float] = (1e-4, 1e-3),
+) -> None:
     """Plot TAR against FAR (log scale) for each named curve into the PNG ``path``, written atomically.
 
     FAR 0 cannot sit on a log axis: each curve starts at its smallest non-zero FAR, one negative pair.

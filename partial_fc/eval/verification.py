@@ -22,8 +22,9 @@ Everything is vectorized: the accuracy of every (fold, threshold) is read off on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,12 +46,12 @@ __all__ = [
     "tar_at_far",
 ]
 
-ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Any]]
+ArrayLike = np.ndarray | torch.Tensor | Sequence[Any]
 
 DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
 DEFAULT_THRESHOLDS.flags.writeable = False
 """insightface's thresholds: 0.00, 0.01, ..., 3.99 (400 values)."""
-DEFAULT_FARS: Tuple[float, ...] = (1e-3, 1e-4)
+DEFAULT_FARS: tuple[float, ...] = (1e-3, 1e-4)
 DEFAULT_FOLDS = 10
 
 
@@ -79,7 +80,7 @@ def _embeddings(x: ArrayLike, name: str) -> np.ndarray:
     return arr
 
 
-def _issame(x: ArrayLike, num_pairs: Optional[int] = None) -> np.ndarray:
+def _issame(x: ArrayLike, num_pairs: int | None = None) -> np.ndarray:
     arr = _to_numpy(x, "issame")
     if arr.ndim != 1:
         raise InputError(f"issame must be 1-D (one flag per pair), got shape {tuple(arr.shape)}")
@@ -92,7 +93,7 @@ def _issame(x: ArrayLike, num_pairs: Optional[int] = None) -> np.ndarray:
     return arr
 
 
-def _thresholds(thresholds: Optional[ArrayLike]) -> np.ndarray:
+def _thresholds(thresholds: ArrayLike | None) -> np.ndarray:
     if thresholds is None:
         return DEFAULT_THRESHOLDS
     t = _to_numpy(thresholds, "thresholds").astype(np.float64).reshape(-1)
@@ -105,7 +106,7 @@ def _thresholds(thresholds: Optional[ArrayLike]) -> np.ndarray:
 # Distances
 
 
-def pair_distances(embeddings: ArrayLike, flip_embeddings: Optional[ArrayLike] = None) -> Tuple[np.ndarray, float]:
+def pair_distances(embeddings: ArrayLike, flip_embeddings: ArrayLike | None = None) -> tuple[np.ndarray, float]:
     """Squared L2 distances of the ``N`` pairs and ``xnorm``.
 
     ``embeddings`` is [2N, D] (pair ``i`` = rows ``2i`` and ``2i + 1``); ``flip_embeddings``, when given, the
@@ -135,7 +136,7 @@ def pair_distances(embeddings: ArrayLike, flip_embeddings: Optional[ArrayLike] =
 # K-fold accuracy
 
 
-def kfold_splits(num_pairs: int, n_folds: int = DEFAULT_FOLDS) -> List[Tuple[np.ndarray, np.ndarray]]:
+def kfold_splits(num_pairs: int, n_folds: int = DEFAULT_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(train_indices, test_indices)`` per fold, exactly as ``sklearn``'s ``KFold(n_folds, shuffle=False)``.
 
     The pairs are cut in order into ``n_folds`` contiguous test folds; the first ``num_pairs % n_folds`` of them
@@ -174,8 +175,9 @@ class FoldAccuracy(NamedTuple):
     """[n_thresholds] false accept rate on the held-out folds, averaged over folds (insightface's ``fpr``)."""
 
 
-def kfold_accuracy(dist: ArrayLike, issame: ArrayLike, thresholds: Optional[ArrayLike] = None,
-                   n_folds: int = DEFAULT_FOLDS) -> FoldAccuracy:
+def kfold_accuracy(
+    dist: ArrayLike, issame: ArrayLike, thresholds: ArrayLike | None = None, n_folds: int = DEFAULT_FOLDS
+) -> FoldAccuracy:
     """insightface's ``calculate_roc``: per fold, pick the best threshold on the other folds, score the fold.
 
     ``dist`` are pair distances (a pair is "same" when ``dist < threshold``), ``thresholds`` ascending (default
@@ -287,7 +289,7 @@ class VerificationResult:
     """Per fold, the threshold chosen on the other folds."""
     threshold: float
     """The single best threshold over all pairs."""
-    tar_at_far: Dict[float, TarAtFar]
+    tar_at_far: dict[float, TarAtFar]
     """Per requested FAR, see :func:`tar_at_far`."""
     xnorm: float
     """Mean L2 norm of the raw embeddings (and flip embeddings) before normalization."""
@@ -297,13 +299,21 @@ class VerificationResult:
 
     def summary(self) -> str:
         tars = ", ".join(f"TAR@FAR={far:g}: {p.tar:.5f}" for far, p in self.tar_at_far.items())
-        return (f"accuracy {self.accuracy:.5f} +- {self.accuracy_std:.5f}, threshold {self.threshold:.2f}, "
-                f"xnorm {self.xnorm:.3f}" + (f", {tars}" if tars else ""))
+        return (
+            f"accuracy {self.accuracy:.5f} +- {self.accuracy_std:.5f}, threshold {self.threshold:.2f}, "
+            f"xnorm {self.xnorm:.3f}" + (f", {tars}" if tars else "")
+        )
 
 
-def evaluate(embeddings: ArrayLike, issame: ArrayLike, flip_embeddings: Optional[ArrayLike] = None, *,
-             n_folds: int = DEFAULT_FOLDS, thresholds: Optional[ArrayLike] = None,
-             fars: Sequence[float] = DEFAULT_FARS) -> VerificationResult:
+def evaluate(
+    embeddings: ArrayLike,
+    issame: ArrayLike,
+    flip_embeddings: ArrayLike | None = None,
+    *,
+    n_folds: int = DEFAULT_FOLDS,
+    thresholds: ArrayLike | None = None,
+    fars: Sequence[float] = DEFAULT_FARS,
+) -> VerificationResult:
     """Verification metrics from already computed embeddings (no model needed).
 
     ``embeddings`` [2N, D] (pair ``i`` = rows ``2i``, ``2i + 1``), ``issame`` [N] bools, ``flip_embeddings``
@@ -326,8 +336,9 @@ def evaluate(embeddings: ArrayLike, issame: ArrayLike, flip_embeddings: Optional
     )
 
 
-def _model_placement(model: Callable[[torch.Tensor], torch.Tensor],
-                     device: Optional[Union[str, torch.device]]) -> Tuple[Optional[torch.device], Optional[torch.dtype]]:
+def _model_placement(
+    model: Callable[[torch.Tensor], torch.Tensor], device: str | torch.device | None
+) -> tuple[torch.device | None, torch.dtype | None]:
     dtype = None
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
@@ -339,9 +350,14 @@ def _model_placement(model: Callable[[torch.Tensor], torch.Tensor],
     return (None if device is None else torch.device(device)), dtype
 
 
-def compute_embeddings(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, *, batch_size: int = 64,
-                       flip: bool = True, device: Optional[Union[str, torch.device]] = None
-                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def compute_embeddings(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    flip: bool = True,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``model`` over ``images`` [M, C, H, W] in batches; returns ``(embeddings, flip_embeddings)`` on CPU.
 
     ``flip_embeddings`` are the embeddings of the images flipped horizontally (along W), ``None`` when
@@ -357,22 +373,23 @@ def compute_embeddings(model: Callable[[torch.Tensor], torch.Tensor], images: to
     target, dtype = _model_placement(model, device)
     module = model if isinstance(model, torch.nn.Module) else None
     was_training = module.training if module is not None else False
-    outputs: List[torch.Tensor] = []
-    flipped: List[torch.Tensor] = []
-    dim: Optional[int] = None
+    outputs: list[torch.Tensor] = []
+    flipped: list[torch.Tensor] = []
+    dim: int | None = None
 
     def run(batch: torch.Tensor, start: int) -> torch.Tensor:
         nonlocal dim
         out = model(batch)
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != batch.shape[0]:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise InputError(f"model must return a tensor [B, D] for a batch of {batch.shape[0]} images "
-                             f"(images {start}..{start + batch.shape[0] - 1}), got {got}")
+            raise InputError(
+                f"model must return a tensor [B, D] for a batch of {batch.shape[0]} images "
+                f"(images {start}..{start + batch.shape[0] - 1}), got {got}"
+            )
         if dim is None:
             dim = out.shape[1]
         elif out.shape[1] != dim:
-            raise InputError(f"model returned {out.shape[1]}-dim embeddings for images from {start}, "
-                             f"{dim}-dim before")
+            raise InputError(f"model returned {out.shape[1]}-dim embeddings for images from {start}, {dim}-dim before")
         return out.detach().to("cpu", torch.float32)
 
     if module is not None:
@@ -380,10 +397,11 @@ def compute_embeddings(model: Callable[[torch.Tensor], torch.Tensor], images: to
     try:
         with torch.no_grad():
             for start in range(0, images.shape[0], batch_size):
-                batch = images[start:start + batch_size]
+                batch = images[start : start + batch_size]
                 if target is not None or dtype is not None:
-                    batch = batch.to(device=target, dtype=dtype if dtype is not None else batch.dtype,
-                                     non_blocking=True)
+                    batch = batch.to(
+                        device=target, dtype=dtype if dtype is not None else batch.dtype, non_blocking=True
+                    )
                 outputs.append(run(batch, start))
                 if flip:
                     flipped.append(run(torch.flip(batch, dims=[3]), start))
@@ -393,10 +411,18 @@ def compute_embeddings(model: Callable[[torch.Tensor], torch.Tensor], images: to
     return torch.cat(outputs), (torch.cat(flipped) if flip else None)
 
 
-def evaluate_model(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, issame: ArrayLike, *,
-                   batch_size: int = 64, flip: bool = True, device: Optional[Union[str, torch.device]] = None,
-                   n_folds: int = DEFAULT_FOLDS, thresholds: Optional[ArrayLike] = None,
-                   fars: Sequence[float] = DEFAULT_FARS) -> VerificationResult:
+def evaluate_model(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    issame: ArrayLike,
+    *,
+    batch_size: int = 64,
+    flip: bool = True,
+    device: str | torch.device | None = None,
+    n_folds: int = DEFAULT_FOLDS,
+    thresholds: ArrayLike | None = None,
+    fars: Sequence[float] = DEFAULT_FARS,
+) -> VerificationResult:
     """Embed ``images`` [2N, 3, H, W] with ``model`` (and their flips) and :func:`evaluate` the pairs.
 
     ``images`` are as :func:`partial_fc.data.binfile.load_bin` returns them; see :func:`compute_embeddings`.

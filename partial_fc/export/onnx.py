@@ -13,7 +13,8 @@ import io
 import logging
 import os
 import warnings
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,8 +26,17 @@ from partial_fc.fileio import atomic_path
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession
 
-__all__ = ["DEFAULT_OPSET", "EXPORTERS", "INPUT_NAME", "OUTPUT_NAME", "OnnxMismatchError", "check_onnx",
-           "export_onnx", "onnx_session", "run_onnx"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "EXPORTERS",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "OnnxMismatchError",
+    "check_onnx",
+    "export_onnx",
+    "onnx_session",
+    "run_onnx",
+]
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
@@ -59,8 +69,15 @@ def _quiet_exporter() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, *, image_size: tuple[int, int] = (112, 112),
-                opset: int = DEFAULT_OPSET, exporter: str = "dynamo", example_batch: int = 2) -> None:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    image_size: tuple[int, int] = (112, 112),
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "dynamo",
+    example_batch: int = 2,
+) -> None:
     """Write ``model`` (put in eval mode, on CPU in float32) to ``path`` as ONNX with a dynamic batch axis.
 
     ``example_batch`` is the batch traced with (2, so the batch size is not specialised to 1). The file is
@@ -75,20 +92,32 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, image_size: tuple[
     with atomic_path(path) as tmp, _quiet_exporter(), torch.no_grad():
         if exporter == "dynamo":
             program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                verbose=False,
             )
             program.save(tmp, external_data=False)
         else:
             torch.onnx.export(
-                model, (example,), tmp, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                model,
+                (example,),
+                tmp,
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 do_constant_folding=True,
             )
         onnx.checker.check_model(tmp)
 
 
-def onnx_session(path: str | os.PathLike) -> "InferenceSession":
+def onnx_session(path: str | os.PathLike) -> InferenceSession:
     """An onnxruntime CPU session of the model at ``path``; a missing or unreadable file names ``path``."""
     import onnxruntime
 
@@ -103,7 +132,7 @@ def onnx_session(path: str | os.PathLike) -> "InferenceSession":
         raise InputError(f"{path}: not a loadable ONNX model ({str(error).strip().splitlines()[0][:200]})") from None
 
 
-def run_onnx(session: "InferenceSession", images: np.ndarray | torch.Tensor) -> np.ndarray:
+def run_onnx(session: InferenceSession, images: np.ndarray | torch.Tensor) -> np.ndarray:
     """The model's output for ``images`` [N, 3, H, W] (float32) through an onnxruntime session."""
     if isinstance(images, torch.Tensor):
         images = images.detach().to("cpu", torch.float32).numpy()
@@ -111,9 +140,16 @@ def run_onnx(session: "InferenceSession", images: np.ndarray | torch.Tensor) -> 
     return session.run(None, feed)[0]
 
 
-def check_onnx(model: nn.Module, path: str | os.PathLike, batch_sizes: Sequence[int] = (1, 3),
-               atol: float = 1e-4, rtol: float = 1e-5, image_size: tuple[int, int] = (112, 112), seed: int = 0,
-               session: Optional["InferenceSession"] = None) -> float:
+def check_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    batch_sizes: Sequence[int] = (1, 3),
+    atol: float = 1e-4,
+    rtol: float = 1e-5,
+    image_size: tuple[int, int] = (112, 112),
+    seed: int = 0,
+    session: InferenceSession | None = None,
+) -> float:
     """Run the ONNX model at ``path`` and ``model`` on the same random inputs of each batch size.
 
     Returns the largest absolute difference; raises :class:`OnnxMismatchError` naming it (and the batch
@@ -130,12 +166,17 @@ def check_onnx(model: nn.Module, path: str | os.PathLike, batch_sizes: Sequence[
             expected = model(images).numpy().astype(np.float64)
         got = run_onnx(session, images)
         if got.shape != expected.shape:
-            raise OnnxMismatchError(f"{os.fspath(path)}: onnxruntime returns shape {got.shape} for batch {batch}, "
-                                    f"torch {expected.shape}", float("inf"))
+            raise OnnxMismatchError(
+                f"{os.fspath(path)}: onnxruntime returns shape {got.shape} for batch {batch}, torch {expected.shape}",
+                float("inf"),
+            )
         error = float(np.max(np.abs(got - expected)))
         limit = atol + rtol * float(np.max(np.abs(expected)))
         if not error <= limit:
-            raise OnnxMismatchError(f"{os.fspath(path)}: onnxruntime differs from torch by {error:.3g} at batch "
-                                    f"{batch} (tolerance {limit:.3g})", error)
+            raise OnnxMismatchError(
+                f"{os.fspath(path)}: onnxruntime differs from torch by {error:.3g} at batch "
+                f"{batch} (tolerance {limit:.3g})",
+                error,
+            )
         worst = max(worst, error)
     return worst

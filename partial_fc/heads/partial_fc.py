@@ -161,7 +161,9 @@ class PartialFC(nn.Module):
         every = self.comm.all_gather(values.to(self.comm.device).unsqueeze(0), sizes=[1] * self.comm.world_size)
         for column, name in enumerate(names):
             column_values = every[:, column].tolist()
-            if any(v != column_values[0] and not (math.isnan(v) and math.isnan(column_values[0])) for v in column_values):
+            if any(
+                v != column_values[0] and not (math.isnan(v) and math.isnan(column_values[0])) for v in column_values
+            ):
                 listing = ", ".join(f"rank {r}: {v:g}" for r, v in enumerate(column_values))
                 raise InputError(f"PartialFC {name} differs between ranks ({listing})")
         if not (isinstance(embedding_size, int) and embedding_size > 0):
@@ -206,7 +208,9 @@ class PartialFC(nn.Module):
             fact = dict(zip(_FACTS, row))
             where = f"PartialFC input on rank {rank}"
             if fact["width"] != self.embedding_size:
-                raise InputError(f"{where}: embeddings must be [batch, {self.embedding_size}], got width {fact['width']}")
+                raise InputError(
+                    f"{where}: embeddings must be [batch, {self.embedding_size}], got width {fact['width']}"
+                )
             if not fact["integer_labels"]:
                 raise InputError(f"{where}: labels must be an integer tensor")
             if fact["labels"] != fact["batch"]:
@@ -239,8 +243,16 @@ class PartialFC(nn.Module):
         matmul_dtype = None
         if self.fp16:
             matmul_dtype = torch.float16 if embeddings.is_cuda else torch.bfloat16
-        inputs = ShardedSoftmaxInputs(self.weight, sampled, self.margin, self.interclass_filtering_threshold,
-                                      self.comm, matmul_dtype, self.workspace, sampled_rows)
+        inputs = ShardedSoftmaxInputs(
+            self.weight,
+            sampled,
+            self.margin,
+            self.interclass_filtering_threshold,
+            self.comm,
+            matmul_dtype,
+            self.workspace,
+            sampled_rows,
+        )
         trigger = self._backward_trigger if sampled_rows is not None else None
         return ShardedMarginSoftmaxLoss.apply(F.normalize(embeddings, dim=1), inputs, trigger)
 

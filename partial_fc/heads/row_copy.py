@@ -47,8 +47,9 @@ def _build(source: bytes, compiler: str) -> Path | None:
         except OSError:
             continue
         try:
-            subprocess.run([compiler, *_FLAGS, "-o", partial, str(_SOURCE), "-lm"],
-                           check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [compiler, *_FLAGS, "-o", partial, str(_SOURCE), "-lm"], check=True, capture_output=True, timeout=120
+            )
             os.replace(partial, library)  # concurrent ranks each build and rename; any one of them wins
             return library
         except (OSError, subprocess.SubprocessError):
@@ -69,15 +70,36 @@ def _library() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(library_path))
     except OSError:
         return None
-    for function in (library.pfc_take_rows, library.pfc_put_rows, library.pfc_take_rows_bf16_f32,
-                     library.pfc_put_rows_f32_bf16):
+    for function in (
+        library.pfc_take_rows,
+        library.pfc_put_rows,
+        library.pfc_take_rows_bf16_f32,
+        library.pfc_put_rows_f32_bf16,
+    ):
         function.restype = ctypes.c_int64
-        function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                             ctypes.c_void_p]
+        function.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
     pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     library.pfc_int8_momentum.restype = size
-    library.pfc_int8_momentum.argtypes = [pointer, pointer, size, pointer, size, size, pointer, real, real, real,
-                                          pointer]
+    library.pfc_int8_momentum.argtypes = [
+        pointer,
+        pointer,
+        size,
+        pointer,
+        size,
+        size,
+        pointer,
+        real,
+        real,
+        real,
+        pointer,
+    ]
     return library
 
 
@@ -133,8 +155,10 @@ def _raise_for_bad_index(bad: int, index: torch.Tensor, table_rows: int) -> None
 
 def _as_words(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Rows of int8 codes seen as int64 words where all allow it: torch's row copies then run ~3x faster."""
-    if all(t.dtype == torch.int8 and t.shape[-1] % 8 == 0 and t.is_contiguous() and t.storage_offset() % 8 == 0
-           for t in tensors):
+    if all(
+        t.dtype == torch.int8 and t.shape[-1] % 8 == 0 and t.is_contiguous() and t.storage_offset() % 8 == 0
+        for t in tensors
+    ):
         return tuple(t.view(torch.int64) for t in tensors)
     return tensors
 
@@ -163,9 +187,16 @@ def put_rows(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> No
         table.index_copy_(0, index, rows.to(table.dtype))
 
 
-def update_int8_momentum(codes: torch.Tensor, row_max: torch.Tensor, index: torch.Tensor, grad: torch.Tensor,
-                         momentum_over_levels_squared: float, levels_squared: float, smallest_row_max: float,
-                         velocity: torch.Tensor) -> bool:
+def update_int8_momentum(
+    codes: torch.Tensor,
+    row_max: torch.Tensor,
+    index: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_over_levels_squared: float,
+    levels_squared: float,
+    smallest_row_max: float,
+    velocity: torch.Tensor,
+) -> bool:
     """SparseSGD's int8 momentum step of rows `index` in one C pass per row, bit for bit as its torch ops.
 
     velocity = grad + c |c| row_max[index] momentum / levels^2 from the codes c = codes[index]; then codes[index]
@@ -177,9 +208,19 @@ def update_int8_momentum(codes: torch.Tensor, row_max: torch.Tensor, index: torc
         return False
     if grad.shape != velocity.shape or grad.shape != (index.numel(), codes.shape[1]):
         return False
-    bad = library.pfc_int8_momentum(codes.data_ptr(), row_max.data_ptr(), codes.shape[0], index.data_ptr(),
-                                    index.numel(), codes.shape[1], grad.data_ptr(), momentum_over_levels_squared,
-                                    levels_squared, smallest_row_max, velocity.data_ptr())
+    bad = library.pfc_int8_momentum(
+        codes.data_ptr(),
+        row_max.data_ptr(),
+        codes.shape[0],
+        index.data_ptr(),
+        index.numel(),
+        codes.shape[1],
+        grad.data_ptr(),
+        momentum_over_levels_squared,
+        levels_squared,
+        smallest_row_max,
+        velocity.data_ptr(),
+    )
     _raise_for_bad_index(bad, index, codes.shape[0])
     increment_version(codes)
     increment_version(row_max)

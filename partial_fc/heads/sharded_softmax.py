@@ -139,8 +139,7 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
         sum_exp, positive_logits = sums[0], sums[1]
         loss = (sum_exp.log() + row_max - positive_logits).mean()
         # 5. the exponentials stay in the buffer for backward, which divides by their sums where it scales them.
-        ctx.save_for_backward(embeddings, index, inverse_norms, rows, cols, margin.target_grad(target_cosines),
-                              sum_exp)
+        ctx.save_for_backward(embeddings, index, inverse_norms, rows, cols, margin.target_grad(target_cosines), sum_exp)
         ctx.exponentials = logits
         ctx.weight, ctx.weight_version = weight, weight._version
         ctx.sampled_rows = inputs.sampled_rows
@@ -153,7 +152,9 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
         grad, weight, sampled_rows, workspace = ctx.exponentials, ctx.weight, ctx.sampled_rows, ctx.workspace
         ctx.exponentials = ctx.sampled_rows = ctx.workspace = None
         if weight._version != ctx.weight_version:
-            raise RuntimeError("the PartialFC centers changed between forward and backward; step the optimizer after backward")
+            raise RuntimeError(
+                "the PartialFC centers changed between forward and backward; step the optimizer after backward"
+            )
         # d loss / d cosine = s * (p - onehot) / B, or slope * (p - 1) / B at a positive, then through the
         # division by each center's norm. With p = e / sum_exp, the buffer (e) is scaled only per row (s / |w|)
         # a chunk at a time; the per-column factor 1 / (B * sum_exp) goes onto the small [B, D] operands

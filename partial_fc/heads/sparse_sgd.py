@@ -20,7 +20,8 @@ one up to the stored momentum's rounding.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -49,8 +50,9 @@ def encode_int8_rows(velocity: torch.Tensor, codes: torch.Tensor, scratch: torch
     return row_max.to(torch.float32)
 
 
-def decode_int8_rows(codes: torch.Tensor, row_max: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor
-                     ) -> torch.Tensor:
+def decode_int8_rows(
+    codes: torch.Tensor, row_max: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
     """`out` = sign(c) (c / 127)^2 * row_max, the values `encode_int8_rows` coded; `scratch` is like `out`."""
     out.copy_(codes)
     out.mul_(torch.abs(out, out=scratch))
@@ -149,8 +151,9 @@ class SparseSGD(SparseRowsOptimizer):
         weight = head.weight
         if momentum > 0 and momentum_dtype == "int8":
             self.state[weight]["momentum_code"] = torch.zeros(weight.shape, dtype=torch.int8, device=weight.device)
-            self.state[weight]["momentum_absmax"] = torch.zeros(weight.shape[0], dtype=torch.float32,
-                                                                device=weight.device)
+            self.state[weight]["momentum_absmax"] = torch.zeros(
+                weight.shape[0], dtype=torch.float32, device=weight.device
+            )
             self._codes = torch.empty(head.workspace.shape, dtype=torch.int8, device=weight.device)
             self._scratch = torch.empty_like(head.workspace)
         elif momentum > 0:
@@ -183,8 +186,16 @@ class SparseSGD(SparseRowsOptimizer):
         """
         count = index.numel()
         velocity, scratch, codes = self._velocity[:count], self._scratch[:count], self._codes[:count]
-        if update_int8_momentum(state["momentum_code"], state["momentum_absmax"], index, grad,
-                                momentum / INT8_LEVELS**2, INT8_LEVELS**2, INT8_SMALLEST_ROW_MAX, velocity):
+        if update_int8_momentum(
+            state["momentum_code"],
+            state["momentum_absmax"],
+            index,
+            grad,
+            momentum / INT8_LEVELS**2,
+            INT8_LEVELS**2,
+            INT8_SMALLEST_ROW_MAX,
+            velocity,
+        ):
             return velocity
         take_rows(state["momentum_code"], index, codes)
         gain = state["momentum_absmax"].index_select(0, index).to(velocity.dtype).mul_(momentum / INT8_LEVELS**2)
@@ -194,4 +205,3 @@ class SparseSGD(SparseRowsOptimizer):
         state["momentum_absmax"].index_copy_(0, index, encode_int8_rows(velocity, codes, scratch))
         put_rows(state["momentum_code"], index, codes)
         return velocity
-

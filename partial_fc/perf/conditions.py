@@ -84,8 +84,14 @@ class BenchConditions:
         """Why the figures may be slower than a quiet machine's; empty when nothing says so."""
         found = []
         readings = [value for value in [*self.load_readings, load_end] if not math.isnan(value)]
-        load_text = (f"the 1-min load average reached {max(readings):.2f} on {self.cores} cores "
-                     f"({self.load_start:.2f} at start, {load_end:.2f} at end)") if readings else "no load average"
+        load_text = (
+            (
+                f"the 1-min load average reached {max(readings):.2f} on {self.cores} cores "
+                f"({self.load_start:.2f} at start, {load_end:.2f} at end)"
+            )
+            if readings
+            else "no load average"
+        )
         if wait_share > WAIT_SHARE_LIMIT:
             found.append(
                 f"machine loaded: the compute thread waited for a core {100 * wait_share:.0f}% of the run "
@@ -97,8 +103,11 @@ class BenchConditions:
                 f"machine loaded: {load_text}; other work shared the cores, so the figures are slower than a "
                 "quiet machine's"
             )
-        if (self.floor is not None and self.floor["reference_s"] >= MIN_CHECKED_FLOOR_S
-                and self.floor["slowdown"] > FLOOR_SLOWDOWN_LIMIT):
+        if (
+            self.floor is not None
+            and self.floor["reference_s"] >= MIN_CHECKED_FLOOR_S
+            and self.floor["slowdown"] > FLOOR_SLOWDOWN_LIMIT
+        ):
             found.append(
                 f"machine loaded: the matmul floor ran {self.floor['slowdown']:.2f}x slower during the steps "
                 f"(median {self.floor['median_s']:.4g} s) than the same products timed alone at start "
@@ -115,8 +124,9 @@ class BenchConditions:
         fields = {
             "load_average_start": _rounded(self.load_start),
             "load_average_end": _rounded(load_end),
-            "load_average_max": _rounded(max((v for v in [*self.load_readings, load_end] if not math.isnan(v)),
-                                             default=math.nan)),
+            "load_average_max": _rounded(
+                max((v for v in [*self.load_readings, load_end] if not math.isnan(v)), default=math.nan)
+            ),
             "cores": self.cores,
             "threads_per_rank": torch.get_num_threads() if threads_per_rank is None else threads_per_rank,
             "ranks": self.ranks,

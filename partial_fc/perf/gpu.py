@@ -75,8 +75,14 @@ def run_matmul(args: argparse.Namespace) -> dict:
     for name in args.dtypes:
         rates[name] = float(f"{matmul_tflops(args.size, DTYPES[name], device, args.repeats):.4g}")
         conditions.sample()
-    return {"bench": "matmul", "device": device.type, "device_name": device_name(device), "size": args.size,
-            "tflops": rates, **conditions.finish()}
+    return {
+        "bench": "matmul",
+        "device": device.type,
+        "device_name": device_name(device),
+        "size": args.size,
+        "tflops": rates,
+        **conditions.finish(),
+    }
 
 
 def forward_flops(network: str, embedding_size: int, image_size: int = 112, backward: bool = False) -> float:
@@ -99,11 +105,22 @@ def forward_flops(network: str, embedding_size: int, image_size: int = 112, back
 
 def _train_argv(args: argparse.Namespace, output: Path, summary: Path) -> list[str]:
     settings = {
-        "rec": "synthetic", "network": args.network, "embedding_size": args.embedding_size,
-        "batch_size": args.batch, "num_classes": args.classes, "num_image": args.batch * (args.steps + 4),
-        "num_epoch": 1, "warmup_epoch": 0, "fp16": "true", "amp_dtype": args.amp,
-        "channels_last": "true" if args.channels_last else "false", "num_workers": args.workers,
-        "val_targets": "[]", "output": str(output), "frequent": max(1, args.steps), "sample_rate": args.sample_rate,
+        "rec": "synthetic",
+        "network": args.network,
+        "embedding_size": args.embedding_size,
+        "batch_size": args.batch,
+        "num_classes": args.classes,
+        "num_image": args.batch * (args.steps + 4),
+        "num_epoch": 1,
+        "warmup_epoch": 0,
+        "fp16": "true",
+        "amp_dtype": args.amp,
+        "channels_last": "true" if args.channels_last else "false",
+        "num_workers": args.workers,
+        "val_targets": "[]",
+        "output": str(output),
+        "frequent": max(1, args.steps),
+        "sample_rate": args.sample_rate,
     }
     overrides = [part for key, value in settings.items() for part in ("--set", f"{key}={value}")]
     return ["train", "synthetic", *overrides, "--perf-steps", str(args.steps), "--summary", str(summary)]
@@ -138,9 +155,16 @@ def run_train(args: argparse.Namespace) -> dict:
     achieved = images_per_s * 3 * forward / 1e12
     reference = matmul.get(args.amp)
     result = {
-        "bench": "train", "device": device.type, "device_name": device_name(device), "status": status,
-        "network": args.network, "embedding_size": args.embedding_size, "batch": args.batch, "steps": args.steps,
-        "amp_dtype": args.amp, "channels_last": args.channels_last,
+        "bench": "train",
+        "device": device.type,
+        "device_name": device_name(device),
+        "status": status,
+        "network": args.network,
+        "embedding_size": args.embedding_size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "amp_dtype": args.amp,
+        "channels_last": args.channels_last,
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "images_per_s": round(images_per_s, 1),
         "forward_gflops_per_image": round(forward / 1e9, 3),
@@ -153,7 +177,9 @@ def run_train(args: argparse.Namespace) -> dict:
         "phases": {name: round(share, 3) for name, share in summary.get("phases", {}).items()},
         **conditions.finish(),
     }
-    result["meets_target"] = bool(result["percent_of_matmul"] is not None and result["percent_of_matmul"] >= TARGET_PERCENT)
+    result["meets_target"] = bool(
+        result["percent_of_matmul"] is not None and result["percent_of_matmul"] >= TARGET_PERCENT
+    )
     return result
 
 
@@ -165,8 +191,11 @@ def _tests(folder: Path) -> dict | None:
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    counts["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-                        if case.find("failure") is not None or case.find("error") is not None]
+    counts["failed"] = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
     return counts
 
 
@@ -189,8 +218,13 @@ def collect(folder: Path) -> dict:
     head.sort(key=lambda row: (row.get("classes", 0), -row.get("sample_rate", 0)))
     matmul = [row for path in sorted(folder.glob("matmul*.json")) for row in _json_lines(path)]
     train = [row for path in sorted(folder.glob("train_*.json")) for row in _json_lines(path)]
-    return {"steps": steps, "tests": _tests(folder), "head": head, "matmul": matmul[-1] if matmul else None,
-            "train": train}
+    return {
+        "steps": steps,
+        "tests": _tests(folder),
+        "head": head,
+        "matmul": matmul[-1] if matmul else None,
+        "train": train,
+    }
 
 
 def summary_markdown(results: dict) -> str:
@@ -199,23 +233,38 @@ def summary_markdown(results: dict) -> str:
     device = (matmul or {}).get("device_name") or next((row.get("device_name") for row in results["train"]), "?")
     lines.append(f"Device: {device}.")
     failed_steps = [step for step in results["steps"] if step.get("status") not in (0, None)]
-    lines.append(f"Steps: {len(results['steps'])} run, {len(failed_steps)} failed"
-                 + (": " + ", ".join(f"{s['step']} ({s.get('note') or 'exit ' + str(s['status'])})"
-                                     for s in failed_steps) if failed_steps else "") + ".")
+    lines.append(
+        f"Steps: {len(results['steps'])} run, {len(failed_steps)} failed"
+        + (
+            ": " + ", ".join(f"{s['step']} ({s.get('note') or 'exit ' + str(s['status'])})" for s in failed_steps)
+            if failed_steps
+            else ""
+        )
+        + "."
+    )
     lines += ["", "## Tests (CUDA paths)", ""]
     if tests is None:
         lines.append("no test report")
     else:
-        lines.append(f"{tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
-                     f"{tests['skipped']} skipped of {tests['tests']}"
-                     + (": " + ", ".join(tests["failed"]) if tests["failed"] else ""))
+        lines.append(
+            f"{tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
+            f"{tests['skipped']} skipped of {tests['tests']}"
+            + (": " + ", ".join(tests["failed"]) if tests["failed"] else "")
+        )
     lines += ["", "## Matmul rate", ""]
     if matmul:
-        lines.append(", ".join(f"{name} {rate:g} TFLOPS" for name, rate in matmul["tflops"].items())
-                     + f" ({matmul['size']}^3 GEMM)")
+        lines.append(
+            ", ".join(f"{name} {rate:g} TFLOPS" for name, rate in matmul["tflops"].items())
+            + f" ({matmul['size']}^3 GEMM)"
+        )
     else:
         lines.append("not measured")
-    lines += ["", "## Head (`partial-fc bench head`)", "", head_table(results["head"]) if results["head"] else "no runs"]
+    lines += [
+        "",
+        "## Head (`partial-fc bench head`)",
+        "",
+        head_table(results["head"]) if results["head"] else "no runs",
+    ]
     lines += ["", "## Training (perf mode, synthetic in-memory batches)", ""]
     for row in results["train"]:
         verdict = "meets" if row.get("meets_target") else "below"
@@ -228,8 +277,12 @@ def summary_markdown(results: dict) -> str:
         )
     if not results["train"]:
         lines.append("no runs")
-    warnings = [w for group in (results["head"], results["train"], [matmul] if matmul else [])
-                for row in group for w in row.get("warnings", ())]
+    warnings = [
+        w
+        for group in (results["head"], results["train"], [matmul] if matmul else [])
+        for row in group
+        for w in row.get("warnings", ())
+    ]
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in dict.fromkeys(warnings)]
     return "\n".join(lines) + "\n"

@@ -32,8 +32,16 @@ from partial_fc.heads.partial_fc import CPU_CHUNK_ROWS
 GIB = 1024.0**3
 
 # Bytes per element of each dtype the head or a compact momentum may use, and per-row extras (a scale per row).
-DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1,
-               "float8_e4m3fn": 1, "float8_e5m2": 1}
+DTYPE_BYTES = {
+    "float64": 8,
+    "float32": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
 ROW_SCALE_BYTES = {"int8": 4, "uint8": 4, "float8_e4m3fn": 4, "float8_e5m2": 4}
 
 # The environment variable that overrides the memory available per rank (GiB), e.g. to test the fit check.
@@ -194,9 +202,10 @@ def in_use_bytes(device: torch.device) -> int:
 
 def _cgroup_available() -> float:
     """Bytes the memory cgroup still allows (inf when unlimited or unknown)."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             limit = Path(limit_file).read_text().strip()
             usage = int(Path(usage_file).read_text().strip())

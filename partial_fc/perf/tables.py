@@ -11,13 +11,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from partial_fc.perf.conditions import FLOOR_SLOWDOWN_LIMIT, MIN_CHECKED_FLOOR_S, WAIT_SHARE_LIMIT
 
-HEAD_COLUMNS = ("classes", "r", "method", "backend", "storage", "center update", "step s", "floor s", "step / floor",
-                "samples/s", "peak GiB per rank", "estimate GiB per rank", "notes")
+HEAD_COLUMNS = (
+    "classes",
+    "r",
+    "method",
+    "backend",
+    "storage",
+    "center update",
+    "step s",
+    "floor s",
+    "step / floor",
+    "samples/s",
+    "peak GiB per rank",
+    "estimate GiB per rank",
+    "notes",
+)
 
 
 def read_lines(text: str, bench: str) -> list[dict]:
@@ -101,9 +114,11 @@ def _conditions_line(rows: list[dict]) -> str:
     ranks = sorted({row["ranks"] for row in ran})
     threads = sorted({row.get("threads_per_rank") for row in ran if row.get("threads_per_rank") is not None})
     devices = sorted({row.get("device", "?") for row in ran})
-    text = (f"{'/'.join(map(str, ranks))} rank(s) x {'/'.join(map(str, threads)) or '?'} thread(s) on "
-            f"{', '.join(devices)}"
-            f", {ran[0].get('cores', '?')} cores")
+    text = (
+        f"{'/'.join(map(str, ranks))} rank(s) x {'/'.join(map(str, threads)) or '?'} thread(s) on "
+        f"{', '.join(devices)}"
+        f", {ran[0].get('cores', '?')} cores"
+    )
     if loads:
         text += f"; 1-min load average {min(loads):g} to {max(loads):g} at the runs' starts and ends"
     warned = sum(bool(row.get("warnings")) for row in ran)

@@ -8,15 +8,12 @@ from pathlib import Path
 import pytest
 
 from tests.launchers import REPO, _environment
-from tests.test_train import IDENTITIES, PER_ID
+from tests.train_runs import tiny_run
 
 
 def run_settings(data: Path, output: Path, **extra) -> dict[str, str]:
     """A tiny run as PFC_ variables (config.sh and run.sh pass these to every rank on every host)."""
-    values = dict(rec=data, output=output, num_classes=IDENTITIES, num_image=IDENTITIES * PER_ID, batch_size=16,
-                  embedding_size=32, num_workers=0, frequent=1, verbose=1000, num_epoch=1, warmup_epoch=0,
-                  sample_rate=0.5, network="r10_nano", val_targets="[]")
-    values.update(extra)
+    values = tiny_run(data, output, **{"network": "r10_nano", "val_targets": "[]", **extra})
     return {f"PFC_{key.upper()}": str(value) for key, value in values.items()}
 
 
@@ -26,6 +23,20 @@ def run(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.Comp
         return subprocess.run(argv, cwd=REPO, env=_environment(env), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"hung for {timeout} s: {' '.join(argv)}\n{error.stdout}\n{error.stderr}")
+
+
+def start_job(argv: list[str], env: dict[str, str], new_session: bool = True) -> subprocess.Popen:
+    """Start a command from the repository with the test environment, its output piped, by default in a session
+    of its own."""
+    return subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=_environment(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
+    )
 
 
 def finish(job: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:

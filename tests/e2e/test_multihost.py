@@ -14,10 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.e2e.jobs import finish, run, run_settings
+from tests.e2e.jobs import finish, run, run_settings, start_job
 from tests.hosts import simulated_hosts
 from tests.launchers import REPO, _environment, require, wait_for_step
-from tests.test_train import metrics
+from tests.train_runs import metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
@@ -30,8 +30,14 @@ def test_run_sh_trains_across_two_hosts(faceset, tmp_path):
     require("mpirun")
     output = tmp_path / "out"
     with simulated_hosts(2, tmp_path) as hosts:
-        env = {**hosts.env(), **run_settings(faceset, output), "NP": "2", "HOSTS": hosts.host_list(),
-               "NET_IF": "eth0", "PARTIAL_FC_COMM": "torch"}
+        env = {
+            **hosts.env(),
+            **run_settings(faceset, output),
+            "NP": "2",
+            "HOSTS": hosts.host_list(),
+            "NET_IF": "eth0",
+            "PARTIAL_FC_COMM": "torch",
+        }
         job = run(hosts.on(0, ["bash", "run.sh"]), env, timeout=300)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "run.sh: trained r10_nano for 10 steps on 2 ranks" in job.stdout
@@ -45,8 +51,17 @@ def test_horovodrun_starts_config_sh_on_two_hosts(faceset, tmp_path):
     output = tmp_path / "out"
     with simulated_hosts(2, tmp_path) as hosts:
         env = {**hosts.env(), **run_settings(faceset, output), "NET_IF": "eth0"}
-        argv = ["horovodrun", "-np", "2", "-H", hosts.host_list(), "--network-interface", "eth0",
-                "bash", str(REPO / "config.sh")]
+        argv = [
+            "horovodrun",
+            "-np",
+            "2",
+            "-H",
+            hosts.host_list(),
+            "--network-interface",
+            "eth0",
+            "bash",
+            str(REPO / "config.sh"),
+        ]
         job = run(hosts.on(0, argv), env, timeout=300)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert json.loads((output / "config.json").read_text())["network"] == "r10_nano"
@@ -60,13 +75,36 @@ def test_torchrun_across_two_nodes_with_a_rendezvous_endpoint(faceset, tmp_path)
         env = _environment({**run_settings(faceset, output), "NET_IF": "eth0"})
         nodes = []
         for index in range(2):
-            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                    "--node-rank", str(index), "--rdzv-backend", "c10d", "--rdzv-id", "pfc-test",
-                    "--rdzv-endpoint", f"{hosts.addresses[0]}:29411", "--local-addr", hosts.addresses[index],
-                    "--rdzv-conf", f"is_host={int(index == 0)}", "--no-python", "bash", str(REPO / "config.sh")]
+            argv = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(index),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-id",
+                "pfc-test",
+                "--rdzv-endpoint",
+                f"{hosts.addresses[0]}:29411",
+                "--local-addr",
+                hosts.addresses[index],
+                "--rdzv-conf",
+                f"is_host={int(index == 0)}",
+                "--no-python",
+                "bash",
+                str(REPO / "config.sh"),
+            ]
             # The hosts share one hostname that resolves to loopback, so each names its address and the store host.
-            nodes.append(subprocess.Popen(hosts.on(index, argv), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
+            nodes.append(
+                subprocess.Popen(
+                    hosts.on(index, argv), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+            )
         try:
             outputs = [node.communicate(timeout=300) for node in nodes]
         except subprocess.TimeoutExpired:
@@ -81,8 +119,14 @@ def test_host_local_output_folders_fail_at_start_naming_the_ranks(faceset, tmp_p
     require("mpirun")
     disk = tmp_path / "local"
     with simulated_hosts(2, tmp_path, disk=disk) as hosts:
-        env = {**hosts.env(), **run_settings(faceset, disk / "out"), "NP": "2", "HOSTS": hosts.host_list(),
-               "NET_IF": "eth0", "PARTIAL_FC_COMM": "torch"}
+        env = {
+            **hosts.env(),
+            **run_settings(faceset, disk / "out"),
+            "NP": "2",
+            "HOSTS": hosts.host_list(),
+            "NET_IF": "eth0",
+            "PARTIAL_FC_COMM": "torch",
+        }
         started = time.monotonic()
         job = run(hosts.on(0, ["bash", "run.sh"], local_disk=True), env, timeout=120)
         seconds = time.monotonic() - started
@@ -99,11 +143,16 @@ def test_run_sh_restarts_without_a_lost_host_and_finishes_the_plan(faceset, tmp_
     require("mpirun")
     output = tmp_path / "out"
     with simulated_hosts(3, tmp_path) as hosts:
-        env = {**hosts.env(), **run_settings(faceset, output, checkpoint_every=3, num_epoch=2, batch_size=8),
-               "NP": "3", "HOSTS": ",".join(f"{hosts.addresses[i]}:1" for i in (1, 2, 0)), "NET_IF": "eth0",
-               "PARTIAL_FC_COMM": "torch", "MAX_RESTARTS": "2"}
-        job = subprocess.Popen(hosts.on(0, ["bash", "run.sh"]), cwd=REPO, env=_environment(env),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env = {
+            **hosts.env(),
+            **run_settings(faceset, output, checkpoint_every=3, num_epoch=2, batch_size=8),
+            "NP": "3",
+            "HOSTS": ",".join(f"{hosts.addresses[i]}:1" for i in (1, 2, 0)),
+            "NET_IF": "eth0",
+            "PARTIAL_FC_COMM": "torch",
+            "MAX_RESTARTS": "2",
+        }
+        job = start_job(hosts.on(0, ["bash", "run.sh"]), env, new_session=False)
         deadline = time.monotonic() + 200
         while not (output / "checkpoints" / "step_00000006").is_dir():
             assert job.poll() is None and time.monotonic() < deadline, job.communicate()
@@ -121,7 +170,7 @@ def test_run_sh_restarts_without_a_lost_host_and_finishes_the_plan(faceset, tmp_
     assert start >= 6
     # 320 images: 13 steps per epoch on 3 ranks x 8, 20 on 2 ranks x 8; the plan (2 epochs) is finished on 2.
     rows = metrics(output)
-    assert [row["step"] for row in rows[start - 40:]] == list(range(start + 1, 41))
+    assert [row["step"] for row in rows[start - 40 :]] == list(range(start + 1, 41))
     assert rows[-1]["epoch"] == 2
     print(f"lost host: the job finished its plan on 2 ranks {recovered:.1f} s after the loss")
 
@@ -132,10 +181,15 @@ def test_a_stalled_rank_or_a_stop_across_hosts_ends_the_job_cleanly(faceset, tmp
     require("mpirun")
     output = tmp_path / "out"
     with simulated_hosts(2, tmp_path) as hosts:
-        env = {**hosts.env(), **run_settings(faceset, output, num_epoch=30, stall_timeout=5), "NP": "2",
-               "HOSTS": hosts.host_list(), "NET_IF": "eth0", "PARTIAL_FC_COMM": "torch"}
-        job = subprocess.Popen(hosts.on(0, ["bash", "run.sh"]), cwd=REPO, env=_environment(env),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        env = {
+            **hosts.env(),
+            **run_settings(faceset, output, num_epoch=30, stall_timeout=5),
+            "NP": "2",
+            "HOSTS": hosts.host_list(),
+            "NET_IF": "eth0",
+            "PARTIAL_FC_COMM": "torch",
+        }
+        job = start_job(hosts.on(0, ["bash", "run.sh"]), env)
         wait_for_step(output, 5, job)
         target = hosts.rank_process(1, 1) if fault == "stalled rank" else psutil.Process(job.pid)
         assert target is not None

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.jobs import finish, run, run_settings
-from tests.launchers import REPO, _environment, rank_process, require, wait_for_step
-from tests.test_train import losses
+from tests.e2e.jobs import finish, run, run_settings, start_job
+from tests.launchers import rank_process, require, wait_for_step
+from tests.train_runs import losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 SETTINGS = dict(checkpoint_every=4, num_epoch=2)  # 20 steps on 2 ranks x 16
@@ -37,8 +36,7 @@ def test_a_killed_rank_is_restarted_from_the_newest_checkpoint(faceset, uninterr
     require("horovodrun-mpi" if launcher == "horovodrun" else "mpirun")
     output = tmp_path / "out"
     env = settings(faceset, output, MAX_RESTARTS="2", LAUNCHER=launcher)
-    job = subprocess.Popen(["bash", "run.sh"], cwd=REPO, env=_environment(env), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    job = start_job(["bash", "run.sh"], env)
     deadline = time.monotonic() + 200
     while not (output / "checkpoints" / "step_00000008").is_dir():
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
@@ -69,8 +67,7 @@ def test_a_bad_input_is_not_restarted(faceset, tmp_path):
 def test_a_stopped_run_sh_stops_its_job_with_a_checkpoint_and_is_not_restarted(faceset, tmp_path):
     require("mpirun")
     output = tmp_path / "out"
-    job = subprocess.Popen(["bash", "run.sh"], cwd=REPO, env=_environment(settings(faceset, output, MAX_RESTARTS="2")),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    job = start_job(["bash", "run.sh"], settings(faceset, output, MAX_RESTARTS="2"))
     wait_for_step(output, 3, job)
     job.send_signal(signal.SIGTERM)
     stdout, stderr = finish(job, 120, "run.sh did not stop")

@@ -9,8 +9,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from partial_fc.comm import get_communicator  # noqa: E402
-from tests.workers.exit_status import run_and_exit  # noqa: E402
 from partial_fc.heads import ArcFace, PartialFC, SparseSGD  # noqa: E402
+from tests.workers.exit_status import run_and_exit  # noqa: E402
 
 CLASSES, DIM = 10, 8
 

@@ -1,4 +1,4 @@
-"""Worker: checkpoint saves that real faults interrupt, in one process (run by tests/test_checkpoint.py).
+"""Worker: checkpoint saves that real faults interrupt, in one process (run by tests/engine/test_checkpoint.py).
 
 `kill ROOT POINT...`: for each point, a forked child saves step 1 and step 2 into ROOT/POINT and SIGKILLs itself
 at that moment of the step-2 save (for "replacing": of a second save of step 2). The parent only forks (no torch

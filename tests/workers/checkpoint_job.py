@@ -1,6 +1,6 @@
 """Worker: a tiny deterministic training run that saves and resumes checkpoints, on any number of ranks.
 
-`build` and `train_step` are shared with tests/test_checkpoint.py. Rank 0 writes `result.pt` to --out:
+`build` and `train_step` are shared with tests/engine/test_checkpoint.py. Rank 0 writes `result.pt` to --out:
 the loss of every step, and the whole (gathered) centers and momentum at each save, after loading and at
 the end. A PartialFCError is printed as `partial-fc: error: ...` and every rank records its exit status.
 """
@@ -23,8 +23,8 @@ from partial_fc.comm import Communicator, get_communicator  # noqa: E402
 from partial_fc.data.sampler import DistributedEpochSampler  # noqa: E402
 from partial_fc.engine.checkpoint import TrainingParts, load_checkpoint, save_checkpoint  # noqa: E402
 from partial_fc.engine.distributed import distribute_backbone  # noqa: E402
-from tests.workers.exit_status import run_and_exit  # noqa: E402
 from partial_fc.heads import ArcFace, PartialFC, SparseSGD  # noqa: E402
+from tests.workers.exit_status import run_and_exit  # noqa: E402
 
 CLASSES, DIM, INPUTS, DATASET, BATCH = 50, 8, 6, 96, 4
 _data = torch.Generator().manual_seed(7)
@@ -45,8 +45,14 @@ class Setup:
     sampler: DistributedEpochSampler
 
     def parts(self) -> TrainingParts:
-        return TrainingParts(backbone=self.backbone, backbone_optimizer=self.backbone_optimizer, head=self.head,
-                             head_optimizer=self.head_optimizer, scheduler=self.scheduler, sampler=self.sampler)
+        return TrainingParts(
+            backbone=self.backbone,
+            backbone_optimizer=self.backbone_optimizer,
+            head=self.head,
+            head_optimizer=self.head_optimizer,
+            scheduler=self.scheduler,
+            sampler=self.sampler,
+        )
 
 
 def build(comm: Communicator, seed: int = 0, momentum_dtype: str = "storage") -> Setup:
@@ -82,8 +88,9 @@ def gathered_centers(setup: Setup) -> dict:
     sizes = setup.comm.gather_sizes(setup.head.num_local)
     state = setup.head_optimizer.state[setup.head.weight]
     names = {"momentum": "momentum_buffer", "momentum_code": "momentum_code", "momentum_absmax": "momentum_absmax"}
-    gathered = {name: setup.comm.all_gather(state[key].clone(), sizes).cpu() for name, key in names.items()
-                if key in state}
+    gathered = {
+        name: setup.comm.all_gather(state[key].clone(), sizes).cpu() for name, key in names.items() if key in state
+    }
     return {"centers": setup.comm.all_gather(setup.head.weight.clone(), sizes).cpu(), **gathered}
 
 
@@ -95,12 +102,18 @@ def run(args: argparse.Namespace, comm: Communicator) -> dict:
         state = load_checkpoint(args.resume, setup.parts(), comm=comm)
         step = state.step
         result["loaded"] = gathered_centers(setup)
-        result["state"] = {"step": state.step, "resharded": state.resharded, "rng_restored": state.rng_restored,
-                           "sampler_restarted": state.sampler_restarted, "position": setup.sampler.position}
+        result["state"] = {
+            "step": state.step,
+            "resharded": state.resharded,
+            "rng_restored": state.rng_restored,
+            "sampler_restarted": state.sampler_restarted,
+            "position": setup.sampler.position,
+        }
     while True:
         if step in args.save_at:
-            save_checkpoint(args.save_root, setup.parts(), comm=comm, step=step, epoch=setup.sampler.epoch,
-                            config={"seed": 0})
+            save_checkpoint(
+                args.save_root, setup.parts(), comm=comm, step=step, epoch=setup.sampler.epoch, config={"seed": 0}
+            )
             result["saved"][step] = gathered_centers(setup)
         if step >= args.steps:
             break

@@ -2,8 +2,8 @@
 exit status in `out/rank<k>.exit` so a test can check every rank, then the communicator is closed."""
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from partial_fc.comm import Communicator, close_communicator, exit_process
 from partial_fc.errors import PartialFCError

@@ -83,13 +83,9 @@ def main() -> None:
                 head, problem.lr, problem.momentum, problem.weight_decay, update_in_backward=update_in_backward
             )
         else:
-            optimizer = SparseAdamW(
-                head, lr, (beta1, beta2), eps, weight_decay, update_in_backward=update_in_backward
-            )
+            optimizer = SparseAdamW(head, lr, (beta1, beta2), eps, weight_decay, update_in_backward=update_in_backward)
         steps = run_steps(head, optimizer, problem, comm.rank)
-        results["runs"].append(
-            {"dtype": str(dtype), "shard": (head.class_start, head.num_local), "steps": steps}
-        )
+        results["runs"].append({"dtype": str(dtype), "shard": (head.class_start, head.num_local), "steps": steps})
     torch.save(results, Path(args.out) / f"rank{comm.rank}.pt")
     close_communicator()
     exit_process(0)

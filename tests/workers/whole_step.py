@@ -67,18 +67,27 @@ def make_backbone(batchnorm: bool) -> nn.Module:
     if not batchnorm:
         return nn.Sequential(nn.Linear(INPUTS, 16), nn.PReLU(16), nn.Linear(16, DIM)).double()
     return nn.Sequential(
-        nn.Unflatten(1, (3, 2, INPUTS // 6)), nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8), nn.PReLU(8),
-        nn.Flatten(), nn.Linear(8 * INPUTS // 3, DIM, bias=False), nn.BatchNorm1d(DIM),
+        nn.Unflatten(1, (3, 2, INPUTS // 6)),
+        nn.Conv2d(3, 8, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.PReLU(8),
+        nn.Flatten(),
+        nn.Linear(8 * INPUTS // 3, DIM, bias=False),
+        nn.BatchNorm1d(DIM),
     ).double()
 
 
 def make_optimizers(kind: str, backbone: nn.Module, head: PartialFC, accumulation: int):
     in_backward = accumulation == 1
     if kind == "sgd":
-        return (torch.optim.SGD(backbone.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-3),
-                SparseSGD(head, lr=0.2, momentum=0.9, weight_decay=5e-3, update_in_backward=in_backward))
-    return (torch.optim.AdamW(backbone.parameters(), lr=0.01, weight_decay=0.05),
-            SparseAdamW(head, lr=0.01, weight_decay=0.05, update_in_backward=in_backward))
+        return (
+            torch.optim.SGD(backbone.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-3),
+            SparseSGD(head, lr=0.2, momentum=0.9, weight_decay=5e-3, update_in_backward=in_backward),
+        )
+    return (
+        torch.optim.AdamW(backbone.parameters(), lr=0.01, weight_decay=0.05),
+        SparseAdamW(head, lr=0.01, weight_decay=0.05, update_in_backward=in_backward),
+    )
 
 
 def wrap_plainly(backbone: nn.Module, optimizer: torch.optim.Optimizer, comm: Communicator, accumulation: int):
@@ -90,15 +99,23 @@ def wrap_plainly(backbone: nn.Module, optimizer: torch.optim.Optimizer, comm: Co
         # Parameters only: hvd.broadcast_optimizer_state on a fresh optimizer initialises its state with a
         # zero-gradient step(), which applies weight decay once, a step no single process takes.
         hvd.broadcast_parameters(backbone.state_dict(), root_rank=0)
-        return backbone, hvd.DistributedOptimizer(optimizer, named_parameters=backbone.named_parameters(),
-                                                  backward_passes_per_step=accumulation)
+        return backbone, hvd.DistributedOptimizer(
+            optimizer, named_parameters=backbone.named_parameters(), backward_passes_per_step=accumulation
+        )
     return nn.parallel.DistributedDataParallel(backbone), optimizer
 
 
 def train(comm: Communicator, variant: str, wrapper: str) -> dict:
     kind, accumulation, clip, batchnorm = VARIANTS[variant]
-    head = PartialFC(CombinedMargin(s=16.0, m1=1.0, m2=0.3, m3=0.1), DIM, CLASSES, 1.0, comm=comm,
-                     storage_dtype=torch.float64, seed=2)
+    head = PartialFC(
+        CombinedMargin(s=16.0, m1=1.0, m2=0.3, m3=0.1),
+        DIM,
+        CLASSES,
+        1.0,
+        comm=comm,
+        storage_dtype=torch.float64,
+        seed=2,
+    )
     raw = make_backbone(batchnorm)
     optimizer, head_optimizer = make_optimizers(kind, raw, head, accumulation)
     if wrapper == "engine":
@@ -126,9 +143,13 @@ def train(comm: Communicator, variant: str, wrapper: str) -> dict:
             optimizer.step()
         head_optimizer.step()
         optimizer.zero_grad()
-    return {"backbone": {k: v.detach().clone() for k, v in raw.state_dict().items()},
-            "centers": head.weight.clone(), "shard": (head.class_start, head.num_local),
-            "losses": losses, "norms": norms}
+    return {
+        "backbone": {k: v.detach().clone() for k, v in raw.state_dict().items()},
+        "centers": head.weight.clone(),
+        "shard": (head.class_start, head.num_local),
+        "losses": losses,
+        "norms": norms,
+    }
 
 
 def main() -> None:

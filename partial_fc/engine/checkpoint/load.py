@@ -58,13 +58,21 @@ def _open_newest_valid(comm: Communicator, path: PathLike, parts: TrainingParts)
 
 def _check_shard(data: Any, entry: dict[str, Any], path: Path, width: int, row_keys: list[str]) -> None:
     rows = entry["end"] - entry["start"]
-    if not isinstance(data, dict) or not isinstance(data.get("weight"), torch.Tensor) \
-            or tuple(data["weight"].shape) != (rows, width):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("weight"), torch.Tensor)
+        or tuple(data["weight"].shape) != (rows, width)
+    ):
         raise InputError(f"{path} does not hold a [{rows}, {width}] center shard under 'weight'")
     state = data.get("row_state")
-    if not isinstance(state, dict) or sorted(state) != sorted(row_keys) or any(
+    if (
+        not isinstance(state, dict)
+        or sorted(state) != sorted(row_keys)
+        or any(
             not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != rows
-            for value in state.values()):
+            for value in state.values()
+        )
+    ):
         raise InputError(f"{path}: per-row optimizer state must be {row_keys} with {rows} rows each")
     if not isinstance(data.get("scalar_state"), dict) or not isinstance(data.get("param_groups"), list):
         raise InputError(f"{path}: scalar optimizer state or param_groups missing")
@@ -79,17 +87,22 @@ def _check_row_state_fits(directory: Path, manifest: dict[str, Any], parts: Trai
         raise InputError(
             f"{directory}: the head optimizer's per-row state was saved as {saved or 'nothing'}, this one keeps "
             f"{sorted(kept) or 'nothing'}: resume with the optimizer, momentum and momentum_dtype it was saved with "
-            "(momentum_buffer: momentum_dtype=storage; momentum_code, momentum_absmax: int8; nothing: none)")
+            "(momentum_buffer: momentum_dtype=storage; momentum_code, momentum_absmax: int8; nothing: none)"
+        )
 
 
 def _check_row_tensor(path: Path, key: str, saved: torch.Tensor, target: torch.Tensor) -> None:
     """A saved per-row tensor must fit the optimizer's: its row shape, and its dtype unless both are floats."""
     if tuple(saved.shape[1:]) != tuple(target.shape[1:]):
-        raise InputError(f"{path}: per-row optimizer state {key!r} has rows of shape {tuple(saved.shape[1:])}, "
-                         f"the head optimizer's has {tuple(target.shape[1:])}")
+        raise InputError(
+            f"{path}: per-row optimizer state {key!r} has rows of shape {tuple(saved.shape[1:])}, "
+            f"the head optimizer's has {tuple(target.shape[1:])}"
+        )
     if saved.dtype != target.dtype and not (saved.dtype.is_floating_point and target.dtype.is_floating_point):
-        raise InputError(f"{path}: per-row optimizer state {key!r} is {str(saved.dtype).replace('torch.', '')}, "
-                         f"the head optimizer keeps it as {str(target.dtype).replace('torch.', '')}")
+        raise InputError(
+            f"{path}: per-row optimizer state {key!r} is {str(saved.dtype).replace('torch.', '')}, "
+            f"the head optimizer keeps it as {str(target.dtype).replace('torch.', '')}"
+        )
 
 
 def _load_centers(directory: Path, manifest: dict[str, Any], parts: TrainingParts) -> None:
@@ -126,16 +139,19 @@ def _load_centers(directory: Path, manifest: dict[str, Any], parts: TrainingPart
             scalars, groups = data["scalar_state"], data["param_groups"]
         del data
     if len(groups) != len(head_optimizer.param_groups):
-        raise InputError(f"{directory}: the head optimizer was saved with {len(groups)} param groups, "
-                         f"this one has {len(head_optimizer.param_groups)}")
+        raise InputError(
+            f"{directory}: the head optimizer was saved with {len(groups)} param groups, "
+            f"this one has {len(head_optimizer.param_groups)}"
+        )
     state.update(targets)
     state.update(scalars)
     for group, saved in zip(head_optimizer.param_groups, groups):
         group.update({key: value for key, value in saved.items() if key != "params"})
 
 
-def _restore_sampler(sampler: Any, saved: dict | None, saved_world: int, epoch: int, comm: Communicator,
-                     state: TrainingState) -> None:
+def _restore_sampler(
+    sampler: Any, saved: dict | None, saved_world: int, epoch: int, comm: Communicator, state: TrainingState
+) -> None:
     """Exact position on the same world size; else the same global position when the state allows, else epoch start."""
     if saved is None:
         state.notes.append("the checkpoint has no sampler state; the sampler was left as it is")
@@ -151,18 +167,23 @@ def _restore_sampler(sampler: Any, saved: dict | None, saved_world: int, epoch: 
         sampler.load_state_dict(moved)
         skipped = consumed - position * comm.world_size
         if skipped:
-            state.notes.append(f"sampler: {consumed} samples of epoch {saved.get('epoch', epoch)} were consumed; "
-                               f"continuing from {position * comm.world_size} ({skipped} will be seen again)")
+            state.notes.append(
+                f"sampler: {consumed} samples of epoch {saved.get('epoch', epoch)} were consumed; "
+                f"continuing from {position * comm.world_size} ({skipped} will be seen again)"
+            )
         return
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     state.sampler_restarted = True
-    state.notes.append(f"sampler state cannot move from {saved_world} to {comm.world_size} ranks: "
-                       f"epoch {epoch} restarts from its beginning")
+    state.notes.append(
+        f"sampler state cannot move from {saved_world} to {comm.world_size} ranks: "
+        f"epoch {epoch} restarts from its beginning"
+    )
 
 
-def load_checkpoint(path: PathLike, parts: TrainingParts, *, comm: Communicator,
-                    seed: int | None = None) -> TrainingState:
+def load_checkpoint(
+    path: PathLike, parts: TrainingParts, *, comm: Communicator, seed: int | None = None
+) -> TrainingState:
     """Restore `parts` from `path` on every rank (a collective): a checkpoint folder exactly, or a root's newest
     valid checkpoint (a corrupt newer one is passed over and reported in `TrainingState.skipped`).
 
@@ -191,10 +212,18 @@ def load_checkpoint(path: PathLike, parts: TrainingParts, *, comm: Communicator,
             parts.scaler.load_state_dict(training["scaler"])
         _load_centers(directory, manifest, parts)
         same_shards = (head.class_start, head.class_start + head.num_local) in {
-            (entry["start"], entry["end"]) for entry in manifest["centers"]}
-        state = TrainingState(step=training["step"], epoch=training["epoch"], config=manifest["config"],
-                              extra=training["extra"], resharded=saved_world != comm.world_size or not same_shards,
-                              path=directory, saved_world_size=saved_world, skipped=skipped)
+            (entry["start"], entry["end"]) for entry in manifest["centers"]
+        }
+        state = TrainingState(
+            step=training["step"],
+            epoch=training["epoch"],
+            config=manifest["config"],
+            extra=training["extra"],
+            resharded=saved_world != comm.world_size or not same_shards,
+            path=directory,
+            saved_world_size=saved_world,
+            skipped=skipped,
+        )
         if saved_world == comm.world_size:
             ranked = load_torch_file(directory / manifest["rank_files"][comm.rank])
             restore_rng(ranked["rng"], comm, head)
@@ -203,8 +232,10 @@ def load_checkpoint(path: PathLike, parts: TrainingParts, *, comm: Communicator,
             chosen = seed if seed is not None else int(manifest["config"].get("seed", 0))
             reseed(chosen, state.step, comm, head)
             state.rng_restored = False
-            state.notes.append(f"world size changed from {saved_world} to {comm.world_size}: centers resharded, "
-                               f"random generators re-seeded from (seed={chosen}, step={state.step}, rank)")
+            state.notes.append(
+                f"world size changed from {saved_world} to {comm.world_size}: centers resharded, "
+                f"random generators re-seeded from (seed={chosen}, step={state.step}, rank)"
+            )
         if parts.sampler is not None:
             _restore_sampler(parts.sampler, ranked["sampler"], saved_world, state.epoch, comm, state)
         return state

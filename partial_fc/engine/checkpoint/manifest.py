@@ -32,25 +32,46 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise CorruptCheckpointError(f"{path} is not a partial_fc checkpoint manifest (format {FORMAT!r} expected)")
     if manifest.get("version") != VERSION:
         raise InputError(f"{path} has checkpoint format version {manifest.get('version')!r}; this code reads {VERSION}")
-    expected = {"step": int, "epoch": int, "world_size": int, "num_classes": int, "embedding_size": int,
-                "centers": list, "rank_files": list, "files": dict, "config": dict, "row_state": list}
+    expected = {
+        "step": int,
+        "epoch": int,
+        "world_size": int,
+        "num_classes": int,
+        "embedding_size": int,
+        "centers": list,
+        "rank_files": list,
+        "files": dict,
+        "config": dict,
+        "row_state": list,
+    }
     for key, kind in expected.items():
         if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
             raise CorruptCheckpointError(f"{path}: key {key!r} is missing or not a {kind.__name__}")
     if not isinstance(manifest.get("sequence", 0), int):
         raise CorruptCheckpointError(f"{path}: key 'sequence' is not an int")
     for name, meta in manifest["files"].items():
-        if Path(name).name != name or not isinstance(meta, dict) or not isinstance(meta.get("size"), int) \
-                or not isinstance(meta.get("sha256"), str):
-            raise CorruptCheckpointError(f"{path}: file entry {name!r} must be a plain name with an integer size "
-                                         "and a sha256")
+        if (
+            Path(name).name != name
+            or not isinstance(meta, dict)
+            or not isinstance(meta.get("size"), int)
+            or not isinstance(meta.get("sha256"), str)
+        ):
+            raise CorruptCheckpointError(
+                f"{path}: file entry {name!r} must be a plain name with an integer size and a sha256"
+            )
     for entry in manifest["centers"]:
-        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("start"), int)
-                and isinstance(entry.get("end"), int) and entry["file"] in manifest["files"]):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("file"), str)
+            and isinstance(entry.get("start"), int)
+            and isinstance(entry.get("end"), int)
+            and entry["file"] in manifest["files"]
+        ):
             raise CorruptCheckpointError(f"{path}: center shard entry {entry!r} needs a listed file, start and end")
     if len(manifest["rank_files"]) != manifest["world_size"]:
-        raise CorruptCheckpointError(f"{path}: {len(manifest['rank_files'])} rank files for world_size "
-                                     f"{manifest['world_size']}")
+        raise CorruptCheckpointError(
+            f"{path}: {len(manifest['rank_files'])} rank files for world_size {manifest['world_size']}"
+        )
     for name in [BACKBONE, BACKBONE_OPTIMIZER, TRAINING, *manifest["rank_files"]]:
         if not isinstance(name, str) or name not in manifest["files"]:
             raise CorruptCheckpointError(f"{path}: file {name!r} is not listed")
@@ -67,8 +88,9 @@ def _check_coverage(manifest: dict[str, Any], path: Path) -> None:
                 what = "overlaps the previous one"
             elif entry["start"] == covered:
                 what = "is empty"
-            raise CorruptCheckpointError(f"{path}: center shard {entry['file']} [{entry['start']}, {entry['end']}) "
-                                         f"{what}")
+            raise CorruptCheckpointError(
+                f"{path}: center shard {entry['file']} [{entry['start']}, {entry['end']}) {what}"
+            )
         covered = entry["end"]
     if covered != manifest["num_classes"]:
         raise CorruptCheckpointError(f"{path}: center shards cover [0, {covered}), not [0, {manifest['num_classes']})")
@@ -77,11 +99,15 @@ def _check_coverage(manifest: dict[str, Any], path: Path) -> None:
 def _check_against_head(manifest: dict[str, Any], path: Path, head: nn.Module) -> None:
     for key in ("num_classes", "embedding_size"):
         if manifest[key] != getattr(head, key):
-            hint = (f"; a checkpoint continues its own run: to fine-tune its backbone on this label set, start a "
-                    f"new run with init_weights={path.parent} (fresh centers) and resume off"
-                    if key == "num_classes" else "")
-            raise InputError(f"{path}: checkpoint has {key}={manifest[key]}, the running head has "
-                             f"{key}={getattr(head, key)}{hint}")
+            hint = (
+                f"; a checkpoint continues its own run: to fine-tune its backbone on this label set, start a "
+                f"new run with init_weights={path.parent} (fresh centers) and resume off"
+                if key == "num_classes"
+                else ""
+            )
+            raise InputError(
+                f"{path}: checkpoint has {key}={manifest[key]}, the running head has {key}={getattr(head, key)}{hint}"
+            )
 
 
 def _check_sizes(directory: Path, manifest: dict[str, Any]) -> None:
@@ -91,15 +117,17 @@ def _check_sizes(directory: Path, manifest: dict[str, Any]) -> None:
             raise CorruptCheckpointError(f"checkpoint file {file} is missing (listed in {directory / MANIFEST})")
         size = file.stat().st_size
         if size != meta["size"]:
-            raise CorruptCheckpointError(f"checkpoint file {file} has {size} bytes, the manifest says {meta['size']}: "
-                             "truncated or overwritten")
+            raise CorruptCheckpointError(
+                f"checkpoint file {file} has {size} bytes, the manifest says {meta['size']}: truncated or overwritten"
+            )
 
 
 def _check_hashes(directory: Path, manifest: dict[str, Any], names: list[str]) -> None:
     for name in names:
         if sha256_file(directory / name) != manifest["files"][name]["sha256"]:
-            raise CorruptCheckpointError(f"checkpoint file {directory / name} is corrupt: its sha256 differs from "
-                                         "the manifest's")
+            raise CorruptCheckpointError(
+                f"checkpoint file {directory / name} is corrupt: its sha256 differs from the manifest's"
+            )
 
 
 def open_checkpoint(comm: Communicator, path: PathLike, head: nn.Module | None) -> tuple[Path, dict]:

@@ -16,15 +16,25 @@ from partial_fc.comm import Communicator
 
 def _numpy_rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
 
 
 def rng_state(comm: Communicator, head: nn.Module) -> dict[str, Any]:
     """Every generator's state on this rank, loadable with weights_only=True."""
     cuda = torch.cuda.get_rng_state(comm.device) if comm.device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": _numpy_rng_state(), "python": random.getstate(),
-            "head": head.generator.get_state()}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "numpy": _numpy_rng_state(),
+        "python": random.getstate(),
+        "head": head.generator.get_state(),
+    }
 
 
 def restore_rng(rng: dict[str, Any], comm: Communicator, head: nn.Module) -> None:
@@ -33,8 +43,15 @@ def restore_rng(rng: dict[str, Any], comm: Communicator, head: nn.Module) -> Non
     if rng["cuda"] is not None and comm.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], comm.device)
     numpy_state = rng["numpy"]
-    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
     head.generator.set_state(rng["head"])

@@ -20,8 +20,20 @@ from partial_fc.comm import Communicator
 from partial_fc.comm.agreement import on_every_rank, run_on_root
 from partial_fc.engine.checkpoint.errors import CheckpointError, CheckpointSaveError
 from partial_fc.engine.checkpoint.find import checkpoints_newest_first, find_latest, next_sequence
-from partial_fc.engine.checkpoint.layout import (BACKBONE, BACKBONE_OPTIMIZER, FORMAT, LATEST, LEFTOVER, MANIFEST,
-                                                 OWNER, TRAINING, VERSION, centers_name, rank_name, step_dir_name)
+from partial_fc.engine.checkpoint.layout import (
+    BACKBONE,
+    BACKBONE_OPTIMIZER,
+    FORMAT,
+    LATEST,
+    LEFTOVER,
+    MANIFEST,
+    OWNER,
+    TRAINING,
+    VERSION,
+    centers_name,
+    rank_name,
+    step_dir_name,
+)
 from partial_fc.engine.checkpoint.parts import TrainingParts
 from partial_fc.engine.checkpoint.rng import rng_state
 from partial_fc.engine.run_lock import Owner, read_owner, write_owner
@@ -51,8 +63,14 @@ def _write_rank_files(partial: Path, comm: Communicator, parts: TrainingParts) -
             scalars[key] = _cpu(value) if isinstance(value, torch.Tensor) else value
     start, end = head.class_start, head.class_start + head.num_local
     groups = [{k: v for k, v in group.items() if k != "params"} for group in head_optimizer.param_groups]
-    centers = {"start": start, "end": end, "weight": _cpu(head.weight), "row_state": rows,
-               "scalar_state": scalars, "param_groups": groups}
+    centers = {
+        "start": start,
+        "end": end,
+        "weight": _cpu(head.weight),
+        "row_state": rows,
+        "scalar_state": scalars,
+        "param_groups": groups,
+    }
     sampler = parts.sampler.state_dict() if parts.sampler is not None else None
     ranked = {"rank": comm.rank, "world_size": comm.world_size, "sampler": sampler, "rng": rng_state(comm, head)}
     record = [start, end]
@@ -62,13 +80,19 @@ def _write_rank_files(partial: Path, comm: Communicator, parts: TrainingParts) -
     return record
 
 
-def _write_root_files(partial: Path, step: int, epoch: int, parts: TrainingParts,
-                      extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _write_root_files(
+    partial: Path, step: int, epoch: int, parts: TrainingParts, extra: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     """Rank 0's files: backbone, its optimizer and the training state; returns their sizes and hashes."""
     scheduler, scaler = parts.scheduler, parts.scaler
     scaler_state = scaler.state_dict() if scaler is not None else None
-    training = {"step": step, "epoch": epoch, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler_state or None, "extra": extra}
+    training = {
+        "step": step,
+        "epoch": epoch,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler_state or None,
+        "extra": extra,
+    }
     files = {
         BACKBONE: save_durably(strip_module_prefix(parts.plain_backbone.state_dict()), partial / BACKBONE),
         BACKBONE_OPTIMIZER: save_durably(parts.backbone_optimizer.state_dict(), partial / BACKBONE_OPTIMIZER),
@@ -77,8 +101,10 @@ def _write_root_files(partial: Path, step: int, epoch: int, parts: TrainingParts
     try:
         torch.load(partial / TRAINING, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - reported as the caller's bad `extra` or scheduler state
-        raise InputError(f"the training state (extra, scheduler or scaler) cannot be loaded with "
-                         f"weights_only=True; keep `extra` to tensors, numbers, strings, lists and dicts: {error}")
+        raise InputError(
+            f"the training state (extra, scheduler or scaler) cannot be loaded with "
+            f"weights_only=True; keep `extra` to tensors, numbers, strings, lists and dicts: {error}"
+        )
     return files
 
 
@@ -128,8 +154,10 @@ def _prepare(root: Path, partial: Path, config: dict[str, Any]) -> bool:
         partial.mkdir()
     except FileExistsError as error:
         owner = _in_progress(partial)
-        raise CheckpointSaveError(f"{partial} is being written by another save ({owner.describe() if owner else '?'})"
-                                  f": two runs are saving into {root}") from error
+        raise CheckpointSaveError(
+            f"{partial} is being written by another save ({owner.describe() if owner else '?'})"
+            f": two runs are saving into {root}"
+        ) from error
     except OSError as error:
         raise _save_error(error.filename or partial, error) from error
     try:
@@ -140,8 +168,9 @@ def _prepare(root: Path, partial: Path, config: dict[str, Any]) -> bool:
     return True
 
 
-def _manifest_files(records: list[list[int]], root_files: dict[str, dict[str, Any]],
-                    dtype: torch.dtype) -> tuple[list, list, dict]:
+def _manifest_files(
+    records: list[list[int]], root_files: dict[str, dict[str, Any]], dtype: torch.dtype
+) -> tuple[list, list, dict]:
     """(center entries, rank files, every file's size and sha256) from the gathered per-rank records."""
     centers, ranks, files = [], [], dict(root_files)
     width = 1 + _HASH_BYTES
@@ -152,8 +181,9 @@ def _manifest_files(records: list[list[int]], root_files: dict[str, dict[str, An
             metas.append({"size": record[offset], "sha256": bytes(record[offset + 1 : offset + width]).hex()})
         centers_file, rank_file = centers_name(start, end), rank_name(rank)
         files[centers_file], files[rank_file] = metas
-        centers.append({"file": centers_file, "start": start, "end": end, "rank": rank,
-                        "dtype": str(dtype).replace("torch.", "")})
+        centers.append(
+            {"file": centers_file, "start": start, "end": end, "rank": rank, "dtype": str(dtype).replace("torch.", "")}
+        )
         ranks.append(rank_file)
     return centers, ranks, files
 
@@ -163,8 +193,10 @@ def _publish(root: Path, partial: Path, manifest: dict[str, Any], keep: int) -> 
     for name, meta in manifest["files"].items():
         path = partial / name
         if not path.is_file() or path.stat().st_size != meta["size"]:
-            raise CheckpointSaveError(f"{path} is not visible to rank 0 with {meta['size']} bytes: the checkpoint "
-                                      "root must be a filesystem shared by every rank")
+            raise CheckpointSaveError(
+                f"{path} is not visible to rank 0 with {meta['size']} bytes: the checkpoint "
+                "root must be a filesystem shared by every rank"
+            )
     write_text_durably(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     final = root / step_dir_name(manifest["step"])
     replaced = root / f".{final.name}.old"
@@ -196,8 +228,10 @@ def _tidy_after_publish(root: Path, final: Path, replaced: Path, keep: int) -> N
             shutil.rmtree(replaced)
         _prune(root, keep, final)
     except OSError as error:
-        print_line(f"partial-fc: warning: checkpoint {final} is saved, but tidying {root} failed: cannot write "
-                   f"{error.filename}: {os_error_cause(error)}")
+        print_line(
+            f"partial-fc: warning: checkpoint {final} is saved, but tidying {root} failed: cannot write "
+            f"{error.filename}: {os_error_cause(error)}"
+        )
 
 
 def _prune(root: Path, keep: int, current: Path) -> None:
@@ -209,8 +243,17 @@ def _prune(root: Path, keep: int, current: Path) -> None:
             shutil.rmtree(path)
 
 
-def save_checkpoint(root: PathLike, parts: TrainingParts, *, comm: Communicator, step: int, epoch: int,
-                    config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None, keep: int = 3) -> Path:
+def save_checkpoint(
+    root: PathLike,
+    parts: TrainingParts,
+    *,
+    comm: Communicator,
+    step: int,
+    epoch: int,
+    config: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
     """Write `parts` into `<root>/step_<step>/` from every rank (a collective), atomically; keep the newest `keep`
     checkpoints.
 
@@ -236,13 +279,23 @@ def save_checkpoint(root: PathLike, parts: TrainingParts, *, comm: Communicator,
         centers, ranks, files = _manifest_files(records, root_files, head.weight.dtype)
         now = time.time()
         manifest = {
-            "format": FORMAT, "version": VERSION, "step": step, "epoch": epoch, "world_size": comm.world_size,
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            "epoch": epoch,
+            "world_size": comm.world_size,
             "sequence": next_sequence(root),
-            "num_classes": head.num_classes, "embedding_size": head.embedding_size,
+            "num_classes": head.num_classes,
+            "embedding_size": head.embedding_size,
             "row_state": sorted(parts.row_state()),
-            "centers": centers, "rank_files": ranks, "files": files, "config": config,
+            "centers": centers,
+            "rank_files": ranks,
+            "files": files,
+            "config": config,
             "created": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
-            "created_unix": now, "partial_fc_version": partial_fc.__version__, "torch_version": torch.__version__,
+            "created_unix": now,
+            "partial_fc_version": partial_fc.__version__,
+            "torch_version": torch.__version__,
         }
         return str(_publish(root, partial, manifest, keep))
 
@@ -261,5 +314,6 @@ def save_checkpoint(root: PathLike, parts: TrainingParts, *, comm: Communicator,
         newest = find_latest(root)
         left = f"the newest checkpoint, {newest}, is intact" if newest else f"{root} holds no earlier checkpoint"
         removed = f"the unfinished {partial.name} was removed, and " if prepared else ""
-        raise CheckpointSaveError(f"checkpoint {root / step_dir_name(step)} was not saved: {error}; {removed}{left}"
-                                  ) from error
+        raise CheckpointSaveError(
+            f"checkpoint {root / step_dir_name(step)} was not saved: {error}; {removed}{left}"
+        ) from error
