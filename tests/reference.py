@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from partial_fc.heads import PartialFC, SparseSGD
 from tests.numerics import relative_error
 
 
@@ -58,6 +59,16 @@ class Problem:
     lr: float = 0.5
     momentum: float = 0.9
     weight_decay: float = 0.01
+
+    def sparse_sgd(self, head: PartialFC, update_in_backward: bool) -> SparseSGD:
+        """The head's SparseSGD with this problem's lr, momentum and weight decay."""
+        return SparseSGD(
+            head,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            update_in_backward=update_in_backward,
+        )
 
     def rank_rows(self, rank: int) -> slice:
         start = sum(self.sizes[:rank])

@@ -57,13 +57,7 @@ def test_head_on_the_device_matches_the_float64_reference(comm, margin, storage_
     head = PartialFC(margin, 32, 300, comm=comm, storage_dtype=storage_dtype, chunk_rows=64)
     assert head.weight.device.type == DEVICE.type
     head.weight.copy_(problem.centers.to(DEVICE))
-    optimizer = SparseSGD(
-        head,
-        lr=problem.lr,
-        momentum=problem.momentum,
-        weight_decay=problem.weight_decay,
-        update_in_backward=update_in_backward,
-    )
+    optimizer = problem.sparse_sgd(head, update_in_backward=update_in_backward)
     for embeddings, labels, want in zip(problem.embeddings, problem.labels, expected):
         embeddings = embeddings.to(DEVICE, head.working_dtype).requires_grad_(True)
         loss = head(embeddings, labels.to(DEVICE))

@@ -26,18 +26,23 @@ def steps_of(output: Path) -> list[int]:
     return [row["step"] for row in metrics(output)]
 
 
+def _two_host_run_sh(hosts, settings: dict) -> dict:
+    """run.sh's environment for one rank on each of two simulated hosts, over torch.distributed on eth0."""
+    return {
+        **hosts.env(),
+        **settings,
+        "NP": "2",
+        "HOSTS": hosts.host_list(),
+        "NET_IF": "eth0",
+        "PARTIAL_FC_COMM": "torch",
+    }
+
+
 def test_run_sh_trains_across_two_hosts(faceset, tmp_path):
     require("mpirun")
     output = tmp_path / "out"
     with simulated_hosts(2, tmp_path) as hosts:
-        env = {
-            **hosts.env(),
-            **run_settings(faceset, output),
-            "NP": "2",
-            "HOSTS": hosts.host_list(),
-            "NET_IF": "eth0",
-            "PARTIAL_FC_COMM": "torch",
-        }
+        env = _two_host_run_sh(hosts, run_settings(faceset, output))
         job = run(hosts.on(0, ["bash", "run.sh"]), env, timeout=300)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "run.sh: trained r10_nano for 10 steps on 2 ranks" in job.stdout
@@ -181,14 +186,7 @@ def test_a_stalled_rank_or_a_stop_across_hosts_ends_the_job_cleanly(faceset, tmp
     require("mpirun")
     output = tmp_path / "out"
     with simulated_hosts(2, tmp_path) as hosts:
-        env = {
-            **hosts.env(),
-            **run_settings(faceset, output, num_epoch=30, stall_timeout=5),
-            "NP": "2",
-            "HOSTS": hosts.host_list(),
-            "NET_IF": "eth0",
-            "PARTIAL_FC_COMM": "torch",
-        }
+        env = _two_host_run_sh(hosts, run_settings(faceset, output, num_epoch=30, stall_timeout=5))
         job = start_job(hosts.on(0, ["bash", "run.sh"]), env)
         wait_for_step(output, 5, job)
         target = hosts.rank_process(1, 1) if fault == "stalled rank" else psutil.Process(job.pid)

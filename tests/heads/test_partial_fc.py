@@ -18,13 +18,7 @@ def test_single_process_matches_reference(single, margin, update_in_backward):
     expected = reference_run(problem, margin.s, margin.m1, margin.m2, margin.m3)
     head = PartialFC(margin, 8, 13, comm=single, storage_dtype=torch.float64, chunk_rows=5)
     head.weight.copy_(problem.centers)
-    optimizer = SparseSGD(
-        head,
-        lr=problem.lr,
-        momentum=problem.momentum,
-        weight_decay=problem.weight_decay,
-        update_in_backward=update_in_backward,
-    )
+    optimizer = problem.sparse_sgd(head, update_in_backward=update_in_backward)
     for embeddings, labels, want in zip(problem.embeddings, problem.labels, expected):
         embeddings = embeddings.clone().requires_grad_(True)
         loss = head(embeddings, labels)

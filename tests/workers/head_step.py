@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from partial_fc.comm import close_communicator, exit_process, get_communicator  # noqa: E402
-from partial_fc.heads import CombinedMargin, PartialFC, SparseSGD  # noqa: E402
+from partial_fc.heads import CombinedMargin, PartialFC  # noqa: E402
 from tests.reference import make_problem  # noqa: E402
 
 
@@ -42,13 +42,8 @@ def main() -> None:
         )
         start, count = head.class_start, head.num_local
         head.weight.copy_(problem.centers[start : start + count])
-        optimizer = SparseSGD(
-            head,
-            lr=problem.lr,
-            momentum=problem.momentum,
-            weight_decay=problem.weight_decay,
-            update_in_backward=dtype == torch.float64,  # both update modes face the reference
-        )
+        both_update_modes = dtype == torch.float64  # both update modes face the reference
+        optimizer = problem.sparse_sgd(head, update_in_backward=both_update_modes)
         rows = problem.rank_rows(comm.rank)
         per_step = []
         for embeddings, labels in zip(problem.embeddings, problem.labels):
