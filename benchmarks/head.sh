@@ -32,7 +32,9 @@ run() {
     # shellcheck disable=SC2086  # the launcher options are words
     out=$(mpirun -np "${NP:-2}" --oversubscribe $launcher python3 -m partial_fc bench head "$@" 2>&1) || status=$?
     printf '%s\n' "$out" | grep 'warning:' >&2 || true
-    line=$(printf '%s\n' "$out" | grep '"bench": "head"' | sed 's/^\[[0-9,]*\]<stdout>://' | tail -n 1 || true)
+    # the JSON object alone: a rank's stderr warning can land on the same line, after the closing brace
+    line=$(printf '%s\n' "$out" | grep '"bench": "head"' | sed 's/^\[[0-9,]*\]<stdout>://; s/^\(.*}\).*$/\1/' \
+        | tail -n 1 || true)
     if [ -z "$line" ]; then
         printf '%s\n' "$out" | tail -n 20 >&2
         line=$(python3 -c 'import json, sys; print(json.dumps({"bench": "head", "failed": f"exit status {sys.argv[1]}", "command": sys.argv[2:]}))' "$status" "$@")
