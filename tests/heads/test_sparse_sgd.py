@@ -172,28 +172,9 @@ def test_config_selects_the_centers_momentum_and_refuses_it_with_adamw():
 def test_bench_head_runs_the_compact_and_the_plain_momentum(kind, state_gib):
     from partial_fc.perf.memory import estimate_head_memory
 
+    options = "--backend single --classes 2000 --dim 16 --batch 8 --steps 1 --reference-repeats 1".split()
     job = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "partial_fc",
-            "bench",
-            "head",
-            "--backend",
-            "single",
-            "--classes",
-            "2000",
-            "--dim",
-            "16",
-            "--batch",
-            "8",
-            "--steps",
-            "1",
-            "--reference-repeats",
-            "1",
-            "--momentum-dtype",
-            kind,
-        ],
+        [sys.executable, "-m", "partial_fc", "bench", "head", *options, "--momentum-dtype", kind],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -195,6 +195,10 @@ def _bench_head_takes(*options: str) -> bool:
     return True
 
 
+# A head small enough for the tests, big enough for its memory to stand out of the process's.
+SMALL_HEAD = "--classes 300000 --dim 128 --batch 64 --steps 1 --warmup 2 --reference-repeats 1"
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -210,26 +214,7 @@ def test_the_memory_estimate_matches_the_measured_peak(options):
     if not _bench_head_takes(*options):
         pytest.skip(f"bench head has no {' '.join(options)}")
     job = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "partial_fc",
-            "bench",
-            "head",
-            "--classes",
-            "300000",
-            "--dim",
-            "128",
-            "--batch",
-            "64",
-            "--steps",
-            "1",
-            "--warmup",
-            "2",
-            "--reference-repeats",
-            "1",
-            *options,
-        ],
+        [sys.executable, "-m", "partial_fc", "bench", "head", *SMALL_HEAD.split(), *options],
         cwd=REPO,
         capture_output=True,
         text=True,
