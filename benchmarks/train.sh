@@ -16,5 +16,5 @@ for network in ${NETWORKS:-r18 mbf r50}; do
         --set batch_size="${BATCH:-64}" --set num_workers=1 --set output="/tmp/partial_fc_bench_$network" \
         --set val_targets=[] --perf-steps "${STEPS:-3}" ${EXTRA:-} 2>&1 \
         | sed 's/^\[[0-9,]*\]<stdout>://' | grep '^{"job": "train"' | head -n 1 \
-        | python3 -c 'import json, sys; r = json.loads(sys.stdin.read()); print(json.dumps({"bench": "train", "network": r["network"], "ranks": r["ranks"], "samples_per_second": round(r["samples_per_second"], 2), "phases": {k: round(v, 3) for k, v in r["phases"].items()}, **{k: r[k] for k in ("load_average_start", "load_average_end", "load_average_max", "cores", "threads_per_rank", "compute_thread_wait_share", "warnings") if k in r}}))'
+        | python3 -c 'import json, sys; r = json.loads(sys.stdin.read()); print(json.dumps({"bench": "train", "network": r["network"], "ranks": r["ranks"], "samples_per_second": round(r["samples_per_second"], 2), "phases": {k: round(v, 3) for k, v in r["phases"].items()}, **{k: r[k] for k in ("load_average_start", "load_average_end", "load_average_max", "cores", "threads_per_rank", "compute_thread_wait_share", "steal_share", "warnings") if k in r}}))'
 done

@@ -2,12 +2,14 @@
 
 Every benchmark records the 1-minute load average at its start and end (and the highest reading taken in
 between, at the points where it calls `sample()`), the machine's core count, torch threads per rank, ranks,
-and the share of the run its compute (main) thread spent runnable but waiting for a core (Linux schedstat).
-It warns when the machine was loaded:
+the share of the run its compute (main) thread spent runnable but waiting for a core (Linux schedstat), and
+the share of the machine's CPU time the hypervisor gave to other guests (steal, /proc/stat), which a virtual
+machine's own counters cannot see as waiting. It warns when the machine was loaded:
 - the compute thread waited for a core more than `WAIT_SHARE_LIMIT` of the run. A load average above the
   core count alone is not load where that wait was small: a benchmark's own ranks and their sleeping
   background threads count in the load average (2 ranks on 2 cores read 2.0-2.8);
 - a load average above the core count where the platform cannot tell the wait;
+- steal above `STEAL_SHARE_LIMIT` of the machine's CPU time: the host ran other guests on this one's cores;
 - (the head benchmark) a matmul floor during the steps more than `FLOOR_SLOWDOWN_LIMIT` times slower than the
   same products timed alone at start (on the same rank, before the head exists; floors under a millisecond
   are not judged).
@@ -30,6 +32,8 @@ FLOOR_SLOWDOWN_LIMIT = 1.25
 MIN_CHECKED_FLOOR_S = 1e-3
 # The share of the run the compute thread may spend waiting for a core before the machine counts as loaded.
 WAIT_SHARE_LIMIT = 0.05
+# The share of the machine's CPU time the hypervisor may steal for other guests before it counts as loaded.
+STEAL_SHARE_LIMIT = 0.05
 
 
 def load_average() -> float:
@@ -49,6 +53,23 @@ def runqueue_wait_s() -> float:
         return math.nan
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) ticks of all the machine's cores since boot (Linux /proc/stat; (0, 0) elsewhere)."""
+    try:
+        with open("/proc/stat") as stats:
+            fields = [int(value) for value in stats.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already counted in user and nice]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(start: tuple[int, int], end: tuple[int, int]) -> float:
+    """The share of the machine's CPU time between two `cpu_ticks()` readings stolen by the hypervisor (NaN: none)."""
+    total = end[1] - start[1]
+    return (end[0] - start[0]) / total if total > 0 else math.nan
+
+
 def core_count() -> int:
     """The machine's logical cores."""
     return os.cpu_count() or 1
@@ -63,6 +84,7 @@ class BenchConditions:
         self.load_start = load_average()
         self.load_readings = [self.load_start]
         self.wait_start, self.started = runqueue_wait_s(), time.perf_counter()
+        self.ticks_start = cpu_ticks()
         self.floor: dict[str, float] | None = None
 
     def sample(self) -> None:
@@ -80,7 +102,7 @@ class BenchConditions:
         """The share of the run so far the compute thread spent waiting for a core (NaN where unknown)."""
         return (runqueue_wait_s() - self.wait_start) / max(time.perf_counter() - self.started, 1e-9)
 
-    def warnings(self, load_end: float, wait_share: float = math.nan) -> list[str]:
+    def warnings(self, load_end: float, wait_share: float = math.nan, steal: float = math.nan) -> list[str]:
         """Why the figures may be slower than a quiet machine's; empty when nothing says so."""
         found = []
         readings = [value for value in [*self.load_readings, load_end] if not math.isnan(value)]
@@ -103,6 +125,11 @@ class BenchConditions:
                 f"machine loaded: {load_text}; other work shared the cores, so the figures are slower than a "
                 "quiet machine's"
             )
+        if steal > STEAL_SHARE_LIMIT:
+            found.append(
+                f"machine loaded: the hypervisor stole {100 * steal:.0f}% of this machine's CPU time for other "
+                "guests during the run; the figures are slower than a quiet machine's"
+            )
         if (
             self.floor is not None
             and self.floor["reference_s"] >= MIN_CHECKED_FLOOR_S
@@ -118,8 +145,9 @@ class BenchConditions:
 
     def finish(self, threads_per_rank: int | None = None, wait_share: float | None = None) -> dict:
         """The JSON fields: load averages, cores, threads per rank, ranks, the compute thread's wait for a core
-        (`wait_share`: the worst rank's, else this thread's), the floor check, `warnings`."""
+        (`wait_share`: the worst rank's, else this thread's), the hypervisor's steal, the floor check, `warnings`."""
         load_end = load_average()
+        steal = steal_share(self.ticks_start, cpu_ticks())
         wait_share = self.wait_share() if wait_share is None else wait_share
         fields = {
             "load_average_start": _rounded(self.load_start),
@@ -131,11 +159,12 @@ class BenchConditions:
             "threads_per_rank": torch.get_num_threads() if threads_per_rank is None else threads_per_rank,
             "ranks": self.ranks,
             "compute_thread_wait_share": None if math.isnan(wait_share) else round(wait_share, 3),
+            "steal_share": None if math.isnan(steal) else round(steal, 3),
         }
         if self.floor is not None:
             fields["matmul_floor_reference_s"] = round(self.floor["reference_s"], 5)
             fields["floor_over_reference"] = round(self.floor["slowdown"], 3)
-        fields["warnings"] = self.warnings(load_end, wait_share)
+        fields["warnings"] = self.warnings(load_end, wait_share, steal)
         return fields
 
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from partial_fc.perf.conditions import FLOOR_SLOWDOWN_LIMIT, MIN_CHECKED_FLOOR_S, WAIT_SHARE_LIMIT
+from partial_fc.perf.conditions import FLOOR_SLOWDOWN_LIMIT, MIN_CHECKED_FLOOR_S, STEAL_SHARE_LIMIT, WAIT_SHARE_LIMIT
 
 HEAD_COLUMNS = (
     "classes",
@@ -64,6 +64,9 @@ def _notes(row: dict) -> str:
         notes.append(f"warning: loaded, the compute thread waited {100 * waited:.0f}% for a core")
     elif waited is None and load is not None and cores and load > cores:
         notes.append(f"warning: loaded, load average {load:g} on {cores} cores")
+    steal = row.get("steal_share")
+    if steal is not None and steal > STEAL_SHARE_LIMIT:
+        notes.append(f"warning: loaded, the hypervisor stole {100 * steal:.0f}% of the CPU time")
     slowdown, reference = row.get("floor_over_reference"), row.get("matmul_floor_reference_s") or 0.0
     if slowdown is not None and slowdown > FLOOR_SLOWDOWN_LIMIT and reference >= MIN_CHECKED_FLOOR_S:
         notes.append(f"warning: loaded, floor {slowdown:g}x its reference")

@@ -30,6 +30,7 @@ CONDITION_KEYS = (
     "cores",
     "threads_per_rank",
     "ranks",
+    "steal_share",
     "warnings",
 )
 
@@ -39,6 +40,7 @@ def load(monkeypatch):
     """Set the 1-min load average the benchmarks read, on a 2-core machine that cannot tell a thread's wait."""
     monkeypatch.setattr(conditions_module, "core_count", lambda: 2)
     monkeypatch.setattr(conditions_module, "runqueue_wait_s", lambda: math.nan)
+    monkeypatch.setattr(conditions_module, "cpu_ticks", lambda: (0, 0))  # no steal readings
 
     def set_load(value: float) -> None:
         monkeypatch.setattr(conditions_module.os, "getloadavg", lambda: (value, value, value))
@@ -98,6 +100,29 @@ def test_a_thread_that_shares_its_core_is_measured_waiting():
             spinner.join()
     assert fields["compute_thread_wait_share"] > 0.25
     assert any("compute thread waited for a core" in warning for warning in fields["warnings"])
+
+
+def test_time_stolen_by_the_hypervisor_warns(load, monkeypatch):
+    load(0.3)
+    for stolen, warned in ((30, False), (80, True)):  # ticks stolen of 1000 over the run
+        ticks = iter([(500, 10_000), (500 + stolen, 11_000)])
+        monkeypatch.setattr(conditions_module, "cpu_ticks", lambda: next(ticks))
+        fields = BenchConditions(ranks=2).finish(threads_per_rank=1)
+        assert fields["steal_share"] == pytest.approx(stolen / 1000)
+        assert bool(fields["warnings"]) == warned
+    assert "the hypervisor stole 8% of this machine's CPU time" in fields["warnings"][0]
+
+
+def test_the_steal_reading_comes_from_proc_stat(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 50 800 10 1 2 30 7 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open", lambda path, *a, **k: real_open(stat if path == "/proc/stat" else path, *a, **k)
+    )
+    assert conditions_module.cpu_ticks() == (30, 998)  # guest time is already inside user time
+    assert conditions_module.steal_share((30, 998), (45, 1098)) == pytest.approx(0.15)
+    assert math.isnan(conditions_module.steal_share((30, 998), (30, 998)))  # no time passed: no reading
 
 
 def test_a_floor_much_slower_than_its_reference_warns(load):
@@ -281,10 +306,12 @@ def test_the_head_table_has_a_row_per_run_including_those_not_run():
     assert "| 10,000,000 | 0.1 | Partial FC | - | bfloat16 |" in table[4] and "failed: exit status 137" in table[4]
     own_ranks = {**ran, "compute_thread_wait_share": 0.02, "floor_over_reference": 1.0}  # load 2.9 from its own ranks
     waited = {**own_ranks, "compute_thread_wait_share": 0.12}
-    quiet_row, loaded_row = head_table([own_ranks, waited]).splitlines()[2:4]
+    stolen = {**own_ranks, "steal_share": 0.09}
+    quiet_row, loaded_row, stolen_row = head_table([own_ranks, waited, stolen]).splitlines()[2:5]
     assert (
         quiet_row.endswith("| 2.350 |  |") and "warning: loaded, the compute thread waited 12% for a core" in loaded_row
     )
+    assert stolen_row.endswith("| warning: loaded, the hypervisor stole 9% of the CPU time |")
     assert "2 rank(s) x 1 thread(s) on cpu, 2 cores" in table[-1] and "1 of 1 runs warned" in table[-1]
 
 
