@@ -89,10 +89,12 @@ FLOOR_WHOLE_LIMIT_BYTES = 1 << 30
 class MatmulFloor:
     """The step's three products alone, at this rank's sampled size and in the head's matmul dtype.
 
-    When whole-size operands and products would take more than `FLOOR_WHOLE_LIMIT_BYTES` (10M classes: 2.5 GiB a
-    rank, beside an 8 GiB head), the same products are timed in blocks of the head's chunk rows, as the head
-    computes them, with block-sized buffers (`layout` "blocks"; else "whole"). Blocks run somewhat faster than
-    the whole products, so step / floor is then, if anything, overstated.
+    The products write into buffers made once (as the head writes into its own), so the floor times the
+    arithmetic alone: a fresh 50 MB output on a CPU costs ~28 ms of page faults, 10% of such a product. When
+    whole-size operands and products would take more than `FLOOR_WHOLE_LIMIT_BYTES` (10M classes: 5 GiB a rank,
+    beside an 8 GiB head), the same products are timed in blocks of the head's chunk rows, as the head computes
+    them, with block-sized buffers (`layout` "blocks"; else "whole", one block of every sampled row). Blocks
+    run somewhat faster than the whole products, so step / floor is then, if anything, overstated.
     """
 
     def __init__(self, args: argparse.Namespace, comm: Communicator) -> None:
@@ -100,7 +102,7 @@ class MatmulFloor:
         dtype = torch.promote_types(DTYPES[args.storage_dtype], torch.float32)  # the head's working dtype
         matmul_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.fp16 else dtype
         sampled, batch_total = max(1, int(args.sample_rate * rows)), args.batch * comm.world_size
-        whole_bytes = sampled * (2 * args.dim + batch_total) * torch.empty((), dtype=matmul_dtype).element_size()
+        whole_bytes = 2 * sampled * (args.dim + batch_total) * torch.empty((), dtype=matmul_dtype).element_size()
         self.layout = "blocks" if whole_bytes > FLOOR_WHOLE_LIMIT_BYTES else "whole"
         self.sampled = sampled
         self.device = device
@@ -108,17 +110,11 @@ class MatmulFloor:
         self.x = torch.randn(batch_total, args.dim, device=device, dtype=matmul_dtype)
         self.w = torch.randn(block, args.dim, device=device, dtype=matmul_dtype)
         self.g = torch.randn(block, batch_total, device=device, dtype=matmul_dtype)
-        if self.layout == "blocks":
-            self.logits = torch.empty(block, batch_total, device=device, dtype=matmul_dtype)
-            self.grad_x = torch.empty(batch_total, args.dim, device=device, dtype=matmul_dtype)
-            self.grad_w = torch.empty(block, args.dim, device=device, dtype=matmul_dtype)
+        self.logits = torch.empty(block, batch_total, device=device, dtype=matmul_dtype)
+        self.grad_x = torch.empty(batch_total, args.dim, device=device, dtype=matmul_dtype)
+        self.grad_w = torch.empty(block, args.dim, device=device, dtype=matmul_dtype)
 
     def products(self) -> None:
-        if self.layout == "whole":
-            self.w @ self.x.t()
-            self.g.t() @ self.w
-            self.g @ self.x
-            return
         self.grad_x.zero_()
         block = self.w.shape[0]
         for start in range(0, self.sampled, block):

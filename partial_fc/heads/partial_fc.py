@@ -20,7 +20,7 @@ from partial_fc.comm import Communicator, get_communicator
 from partial_fc.errors import InputError
 from partial_fc.heads.margins import as_margin
 from partial_fc.heads.sampling import RowUpdater, SampledRows, sample_centers
-from partial_fc.heads.sharded_softmax import ShardedMarginSoftmaxLoss, ShardedSoftmaxInputs
+from partial_fc.heads.sharded_softmax import ReusedBuffer, ShardedMarginSoftmaxLoss, ShardedSoftmaxInputs
 from partial_fc.heads.sharding import shard_range
 
 # Forward passes whose sampled rows may wait for SparseSGD.step(); more means nobody is updating the centers.
@@ -138,6 +138,7 @@ class PartialFC(nn.Module):
         self._backward_trigger = torch.zeros((), requires_grad=True)
         workspace_rows = min(self.chunk_rows, self.num_local)
         self.workspace = torch.empty((workspace_rows, self.embedding_size), dtype=self.working_dtype, device=device)
+        self.logits_buffer = ReusedBuffer()
 
     @torch.no_grad()
     def reset_centers(self) -> None:
@@ -251,6 +252,7 @@ class PartialFC(nn.Module):
             self.comm,
             matmul_dtype,
             self.workspace,
+            self.logits_buffer,
             sampled_rows,
         )
         trigger = self._backward_trigger if sampled_rows is not None else None
