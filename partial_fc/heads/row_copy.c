@@ -121,3 +121,61 @@ int64_t pfc_int8_momentum(int8_t *codes, float *row_max, int64_t table_rows, con
     }
     return -1;
 }
+
+/* One row of SparseSGD's step in float32: g += weight_decay w (skipped at 0, as SparseSGD skips it); v = g +
+ * momentum v_old where there is momentum (else v = g); w -= lr v. Each sum is one fused multiply-add, as torch's
+ * vectorised add with alpha makes it. `v` holds v_old on entry and v on return; `w` is updated in place. */
+static inline void sgd_row(float *w, const float *g, float *v, int64_t width, float lr, float momentum,
+                           float weight_decay, int has_momentum) {
+    for (int64_t j = 0; j < width; ++j) {
+        const float decayed = weight_decay != 0.0f ? fmaf(w[j], weight_decay, g[j]) : g[j];
+        const float velocity = has_momentum ? fmaf(v[j], momentum, decayed) : decayed;
+        v[j] = velocity;
+        w[j] = fmaf(velocity, -lr, w[j]);
+    }
+}
+
+/* SparseSGD's step of rows `index` of a float32 shard `table`, its momentum in the float32 `velocity_table` (NULL:
+ * none), in one pass per row. `rows` is the rows' float32 working copy and `grad` their gradient; `velocity` [count,
+ * width] receives v. The updated rows and velocities are stored straight into the tables. */
+__attribute__((target_clones("fma", "default")))
+int64_t pfc_sgd_rows_f32(float *table, float *velocity_table, int64_t table_rows, const int64_t *index, int64_t count,
+                         int64_t width, float *rows, const float *grad, float *velocity, float lr, float momentum,
+                         float weight_decay) {
+    int64_t bad = first_bad_index(index, count, table_rows);
+    if (bad >= 0) return bad;
+    const int has_momentum = velocity_table != NULL;
+    for (int64_t i = 0; i < count; ++i) {
+        if (has_momentum && i + AHEAD < count)
+            prefetch_for_read((const char *)(velocity_table + index[i + AHEAD] * width), width * 4);
+        if (i + AHEAD < count) prefetch_for_write((char *)(table + index[i + AHEAD] * width), width * 4);
+        float *v = velocity + i * width, *w = rows + i * width;
+        if (has_momentum) memcpy(v, velocity_table + index[i] * width, (size_t)width * 4);
+        sgd_row(w, grad + i * width, v, width, lr, momentum, weight_decay, has_momentum);
+        if (has_momentum) memcpy(velocity_table + index[i] * width, v, (size_t)width * 4);
+        memcpy(table + index[i] * width, w, (size_t)width * 4);
+    }
+    return -1;
+}
+
+/* The same step for a bfloat16 shard and momentum: v_old widened, v and w computed in float32 (w from the float32
+ * working copy `rows`), both stored rounded to nearest even, as torch's ops round them. */
+__attribute__((target_clones("fma", "default")))
+int64_t pfc_sgd_rows_bf16(uint16_t *table, uint16_t *velocity_table, int64_t table_rows, const int64_t *index,
+                          int64_t count, int64_t width, float *rows, const float *grad, float *velocity, float lr,
+                          float momentum, float weight_decay) {
+    int64_t bad = first_bad_index(index, count, table_rows);
+    if (bad >= 0) return bad;
+    const int has_momentum = velocity_table != NULL;
+    for (int64_t i = 0; i < count; ++i) {
+        if (has_momentum && i + AHEAD < count)
+            prefetch_for_read((const char *)(velocity_table + index[i + AHEAD] * width), width * 2);
+        if (i + AHEAD < count) prefetch_for_write((char *)(table + index[i + AHEAD] * width), width * 2);
+        float *v = velocity + i * width, *w = rows + i * width;
+        if (has_momentum) widen_row(velocity_table + index[i] * width, (uint32_t *)v, width);
+        sgd_row(w, grad + i * width, v, width, lr, momentum, weight_decay, has_momentum);
+        if (has_momentum) narrow_row((const uint32_t *)v, velocity_table + index[i] * width, width);
+        narrow_row((const uint32_t *)w, table + index[i] * width, width);
+    }
+    return -1;
+}

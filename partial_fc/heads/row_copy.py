@@ -26,7 +26,8 @@ from torch.autograd.graph import increment_version
 _SOURCE = Path(__file__).with_suffix(".c")
 _DISABLE = "PARTIAL_FC_NATIVE_ROWS"
 # No implicit fused multiply-adds: the routines round as torch's ops do, fusing only where torch fuses (fmaf).
-_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+# A float32 buffer is read and written as bits by the bfloat16 conversions, hence no strict aliasing.
+_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-strict-aliasing", "-shared", "-fPIC")
 
 
 def _cache_dir() -> Path:
@@ -100,6 +101,9 @@ def _library() -> ctypes.CDLL | None:
         real,
         pointer,
     ]
+    for function in (library.pfc_sgd_rows_f32, library.pfc_sgd_rows_bf16):
+        function.restype = size
+        function.argtypes = [pointer, pointer, size, pointer, size, size, pointer, pointer, pointer, real, real, real]
     return library
 
 
@@ -224,4 +228,55 @@ def update_int8_momentum(
     _raise_for_bad_index(bad, index, codes.shape[0])
     increment_version(codes)
     increment_version(row_max)
+    return True
+
+
+_SGD_ROWS = {torch.float32: "pfc_sgd_rows_f32", torch.bfloat16: "pfc_sgd_rows_bf16"}
+
+
+def update_sgd_rows(
+    table: torch.Tensor,
+    velocity_table: torch.Tensor | None,
+    index: torch.Tensor,
+    rows: torch.Tensor,
+    grad: torch.Tensor,
+    velocity: torch.Tensor,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> bool:
+    """SparseSGD's step of rows `index` in one C pass per row, bit for bit as its torch ops.
+
+    grad += weight_decay * rows (not at 0); velocity = grad + momentum * velocity_table[index], stored there
+    (`velocity_table` None: no momentum, velocity = grad); table[index] = rows - lr * velocity. `rows` (the rows'
+    float32 working copy) ends holding the new rows. False (nothing done) where the routine does not apply.
+    """
+    tensors = (table, rows, grad, velocity) if velocity_table is None else (table, velocity_table, rows, grad, velocity)
+    library = _usable_library(index, *tensors)
+    name = _SGD_ROWS.get(table.dtype)
+    shape = (index.numel(), table.shape[1]) if table.dim() == 2 else None
+    if library is None or name is None or any(t.shape != shape for t in (rows, grad, velocity)):
+        return False
+    if (rows.dtype, grad.dtype, velocity.dtype) != (torch.float32,) * 3:
+        return False
+    if velocity_table is not None and (velocity_table.dtype != table.dtype or velocity_table.shape != table.shape):
+        return False
+    bad = getattr(library, name)(
+        table.data_ptr(),
+        None if velocity_table is None else velocity_table.data_ptr(),
+        table.shape[0],
+        index.data_ptr(),
+        index.numel(),
+        table.shape[1],
+        rows.data_ptr(),
+        grad.data_ptr(),
+        velocity.data_ptr(),
+        lr,
+        momentum,
+        weight_decay,
+    )
+    _raise_for_bad_index(bad, index, table.shape[0])
+    increment_version(table)
+    if velocity_table is not None:
+        increment_version(velocity_table)
     return True

@@ -25,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-from partial_fc.heads.row_copy import put_rows, take_rows, update_int8_momentum
+from partial_fc.heads.row_copy import put_rows, take_rows, update_int8_momentum, update_sgd_rows
 from partial_fc.heads.sampling import RowUpdater, SampledRows, gather_rows
 
 # How SparseSGD may keep its momentum: in the shard's storage dtype, or as int8 codes with a scale per row.
@@ -162,20 +162,29 @@ class SparseSGD(SparseRowsOptimizer):
 
     @torch.no_grad()
     def update_rows(self, index: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        """rows -= lr * velocity, velocity = momentum * velocity + grad + weight_decay * rows; written back."""
+        """rows -= lr * velocity, velocity = momentum * velocity + grad + weight_decay * rows; written back.
+
+        One C pass per row does all of it where it can (`row_copy.update_sgd_rows`), the torch ops below elsewhere.
+        """
         group = self.param_groups[0]
-        weight = group["params"][0]
-        if group["weight_decay"]:
-            grad.add_(rows, alpha=group["weight_decay"])
-        if group["momentum"] > 0 and self.momentum_dtype == "int8":
-            grad = self._int8_velocity(self.state[weight], index, grad, group["momentum"])
-        elif group["momentum"] > 0:
-            momentum_buffer = self.state[weight]["momentum_buffer"]
+        weight, lr, momentum, weight_decay = group["params"][0], group["lr"], group["momentum"], group["weight_decay"]
+        int8 = momentum > 0 and self.momentum_dtype == "int8"
+        momentum_buffer = self.state[weight]["momentum_buffer"] if momentum > 0 and not int8 else None
+        velocity = self._velocity[: index.numel()]
+        if not int8 and update_sgd_rows(
+            weight, momentum_buffer, index, rows, grad, velocity, lr, momentum, weight_decay
+        ):
+            return
+        if weight_decay:
+            grad.add_(rows, alpha=weight_decay)
+        if int8:
+            grad = self._int8_velocity(self.state[weight], index, grad, momentum)
+        elif momentum_buffer is not None:
             velocity = gather_rows(momentum_buffer, index, self._velocity)
-            torch.add(grad, velocity, alpha=group["momentum"], out=velocity)
+            torch.add(grad, velocity, alpha=momentum, out=velocity)
             put_rows(momentum_buffer, index, velocity)
             grad = velocity
-        rows.add_(grad, alpha=-group["lr"])
+        rows.add_(grad, alpha=-lr)
         put_rows(weight, index, rows)
 
     def _int8_velocity(self, state: dict, index: torch.Tensor, grad: torch.Tensor, momentum: float) -> torch.Tensor:

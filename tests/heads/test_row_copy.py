@@ -13,7 +13,13 @@ import torch
 
 from partial_fc.comm import SingleProcessCommunicator
 from partial_fc.heads import ArcFace, PartialFC, SparseAdamW, SparseSGD, row_copy
-from partial_fc.heads.row_copy import native_rows_available, put_rows, take_rows, update_int8_momentum
+from partial_fc.heads.row_copy import (
+    native_rows_available,
+    put_rows,
+    take_rows,
+    update_int8_momentum,
+    update_sgd_rows,
+)
 from partial_fc.heads.sparse_sgd import INT8_LEVELS, INT8_SMALLEST_ROW_MAX, encode_int8_rows
 from tests.launchers import REPO
 
@@ -153,6 +159,55 @@ def test_the_int8_momentum_pass_checks_its_indexes_and_declines_what_it_cannot_d
     )  # float64 shards: torch's ops
     torch.set_num_threads(2)
     assert not update_int8_momentum(codes, row_max, index, grad, 1e-4, 16129.0, 1e-30, torch.empty(2, 8))
+
+
+def _sgd_rows_by_torch(table, velocity_table, index, rows, grad, lr, momentum, weight_decay):
+    """SparseSGD's torch ops for one chunk, on copies: (table, velocity_table) afterwards."""
+    table, grad, rows = table.clone(), grad.clone(), rows.clone()
+    if weight_decay:
+        grad.add_(rows, alpha=weight_decay)
+    if velocity_table is not None:
+        velocity_table = velocity_table.clone()
+        velocity = torch.add(grad, velocity_table.index_select(0, index).float(), alpha=momentum)
+        velocity_table.index_copy_(0, index, velocity.to(velocity_table.dtype))
+        grad = velocity
+    table.index_copy_(0, index, rows.add_(grad, alpha=-lr).to(table.dtype))
+    return table, velocity_table
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("momentum, weight_decay", [(0.9, 5e-4), (0.9, 0.0), (0.0, 5e-4)])
+def test_the_sgd_pass_equals_sparse_sgds_torch_ops(one_thread, dtype, momentum, weight_decay):
+    generator = torch.Generator().manual_seed(11)
+    table = torch.randn(400, 40, generator=generator).to(dtype)
+    velocity_table = torch.randn(400, 40, generator=generator).to(dtype) if momentum else None
+    index = torch.randperm(400, generator=generator)[:150]
+    rows = table.index_select(0, index).float()
+    grad = torch.randn(150, 40, generator=generator) * 0.1
+    rows[0, :3] = torch.tensor([torch.inf, -torch.inf, torch.nan])  # kept as torch keeps them: no decay at 0
+    expected = _sgd_rows_by_torch(table, velocity_table, index, rows, grad, 0.1, momentum, weight_decay)
+    velocity = torch.empty_like(grad)
+    assert update_sgd_rows(table, velocity_table, index, rows, grad, velocity, 0.1, momentum, weight_decay)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for got, want in zip((table, velocity_table), expected):
+        assert (got is None) == (want is None)
+        if got is not None:  # NaN stays NaN (torch's vector and scalar bfloat16 code differ in its bits)
+            number = ~want.isnan()
+            assert torch.equal(got.isnan(), ~number) and torch.equal(got.view(bits)[number], want.view(bits)[number])
+
+
+def test_the_sgd_pass_checks_its_indexes_and_declines_what_it_cannot_do(one_thread):
+    table, velocity_table, rows, grad = torch.ones(10, 8), torch.ones(10, 8), torch.ones(2, 8), torch.ones(2, 8)
+    velocity = torch.empty(2, 8)
+    with pytest.raises(IndexError, match=r"row index -1 \(position 0\) is outside the table's 10 rows"):
+        update_sgd_rows(table, velocity_table, torch.tensor([-1, 3]), rows, grad, velocity, 0.1, 0.9, 0.0)
+    assert torch.equal(table, torch.ones(10, 8)) and torch.equal(velocity_table, torch.ones(10, 8))
+    index = torch.tensor([0, 1])
+    doubles = (table.double(), velocity_table.double(), index, rows.double(), grad.double(), velocity.double())
+    assert not update_sgd_rows(*doubles, 0.1, 0.9, 0.0)  # float64 shards: torch's ops
+    assert not update_sgd_rows(table, velocity_table.bfloat16(), index, rows, grad, velocity, 0.1, 0.9, 0.0)
+    torch.set_num_threads(2)
+    assert not update_sgd_rows(table, velocity_table, index, rows, grad, velocity, 0.1, 0.9, 0.0)
 
 
 def test_one_dimensional_tables_and_empty_indexes(one_thread):
