@@ -123,7 +123,7 @@ def _usable_library(index: torch.Tensor, *tensors: torch.Tensor) -> ctypes.CDLL 
     library = _library()
     if library is None or torch.get_num_threads() != 1 or index.dtype != torch.int64:
         return None
-    if not all(t.device.type == "cpu" and t.is_contiguous() for t in (index, *tensors)):
+    if not all(t.is_cpu and t.is_contiguous() for t in (index, *tensors)):  # is_cpu: 3x cheaper than .device
         return None
     return library
 

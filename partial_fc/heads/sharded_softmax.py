@@ -128,9 +128,10 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
         batch, sampled = embeddings.shape[0], index.numel()
         transposed_embeddings = embeddings.t()
         # 1. scaled cosines s*cos [S, B], a chunk of centers at a time while it is in cache: gather, inverse
-        #    norms, W_chunk X^T, then each row times s / |w|.
+        #    norms, W_chunk X^T, each row times s / |w|, and the chunk's largest value of each batch row.
         logits = inputs.logits_buffer.borrow((sampled, batch), embeddings)
         inverse_norms = embeddings.new_empty(sampled)
+        row_max = embeddings.new_full((batch,), -torch.inf)
         for part in _chunks(sampled, workspace.shape[0]):
             centers = gather_rows(weight, index[part], workspace)
             norms = inverse_norms[part]
@@ -139,6 +140,7 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
             block = logits[part]
             _mm_into(block, centers, transposed_embeddings, matmul_dtype)
             block.mul_((norms * margin.s).unsqueeze(1))
+            torch.maximum(row_max, block.amax(dim=0), out=row_max)
         # 2. the margin at the positives this rank holds. Only the positives are clamped to [-1, 1] (acos needs
         #    it); elsewhere rounding past 1 is harmless.
         target_cosines = logits[cols, rows].div_(margin.s).clamp_(-1.0, 1.0)
@@ -148,10 +150,10 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
             logits[cols, rows] = -torch.inf
             filtered = _filter_negatives(logits, filtering_threshold * margin.s, workspace.shape[0])
         logits[cols, rows] = target_logits
-        # 3. the global maximum of each batch row (filtered entries count as logit 0), for a stable exponential.
-        row_max = logits.amax(dim=0)
-        if filtered is not None:
-            row_max.masked_fill_((filtered > 0) & (row_max < 0), 0.0)
+        # 3. a shift for a stable exponential: the global maximum of each batch row's logits before the margin and
+        #    filtering, and of its positive logit (each batch row has one positive, on one rank). The softmax does
+        #    not depend on the shift; this one bounds every logit, a filtered one's 0 included (it exceeded t*s > 0).
+        row_max[rows] = torch.maximum(row_max[rows], target_logits)
         comm.all_reduce(row_max, ReduceOp.MAX)
         # 4. exponentials in place and their sums, a chunk at a time; one all-reduce for both the global sum of
         #    exponentials and each row's positive logit.
