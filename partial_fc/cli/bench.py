@@ -90,7 +90,7 @@ class MatmulFloor:
     """The step's three products alone, at this rank's sampled size and in the head's matmul dtype.
 
     The products write into buffers made once (as the head writes into its own), so the floor times the
-    arithmetic alone: a fresh 50 MB output on a CPU costs ~28 ms of page faults, 10% of such a product. When
+    arithmetic alone: a fresh 50 MB output on a CPU costs ~25 ms of page faults, 15% of such a product. When
     whole-size operands and products would take more than `FLOOR_WHOLE_LIMIT_BYTES` (10M classes: 2.9 GiB a rank,
     beside an 8 GiB head), the same products are timed in blocks of the head's chunk rows, as the head computes
     them, with block-sized buffers (`layout` "blocks"; else "whole", one block of every sampled row). Blocks

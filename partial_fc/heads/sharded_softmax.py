@@ -6,10 +6,10 @@ is assembled with one all-reduce of row maxima and one of sums. The logits buffe
 the exponentials and then for the gradient, and lent again to the next step (`ReusedBuffer`); every pass
 over it that can runs a chunk at a time, right after that chunk's product while it is in cache, and the
 softmax's per-column division is applied to the small [batch, D] operands of backward's products instead of
-the buffer. The sampled centers are read from the
-shard chunk by chunk, in forward and again in backward, so no full copy of them outlives a chunk; only their
-gradient is handed to the optimizer through a `SampledRows` record (never as a dense `.grad`), or applied to
-the rows chunk by chunk during backward when the optimizer asks for that.
+the buffer. The sampled centers are read from the shard chunk by chunk, in forward and again in backward, so
+no full copy of them outlives a chunk; only their gradient is handed to the optimizer through a `SampledRows`
+record (never as a dense `.grad`), or applied to the rows chunk by chunk during backward when the optimizer
+asks for that.
 
 Inter-class filtering (Partial FC v2, arcface_torch's `interclass_filtering_threshold` t > 0): a negative
 whose cosine exceeds t counts as cosine 0 in the softmax and passes no gradient. Such entries are set to
