@@ -1,4 +1,4 @@
-"""Pieces every subcommand shares: margin and dtype options, rank-aware printing, the error exit."""
+"""Pieces every subcommand shares: head and dtype options, the margin option, rank-aware printing, the error exit."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 from typing import Any
 
 from partial_fc.comm import BACKENDS, Communicator
-from partial_fc.engine.config import DTYPES, MOMENTUM_DTYPES
+from partial_fc.engine.config import DTYPES
 from partial_fc.errors import InputError
-from partial_fc.heads import ArcFace, CombinedMargin, CosFace, PartialFC, SparseSGD
+from partial_fc.heads import ArcFace, CombinedMargin, CosFace
+from partial_fc.heads.sparse_sgd import CENTER_MOMENTUM_CHOICES
 from partial_fc.progress import print_line
 
 
@@ -29,7 +30,7 @@ def add_head_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument(
         "--momentum-dtype",
-        choices=MOMENTUM_DTYPES,
+        choices=CENTER_MOMENTUM_CHOICES,
         default=None,
         help="the centers' SGD momentum: storage (the storage dtype, the default), int8 (codes + a scale per row) "
         "or none (plain SGD)",
@@ -50,36 +51,6 @@ def margin_from_option(text: str, scale: float) -> CombinedMargin:
     except ValueError:
         raise InputError(f"--margin {text!r} is not arcface, cosface or m1,m2,m3") from None
     return CombinedMargin(s=scale, m1=m1, m2=m2, m3=m3)
-
-
-def head_from_options(args: argparse.Namespace, comm: Communicator) -> PartialFC:
-    """The Partial FC head that `add_head_options`' values describe."""
-    return PartialFC(
-        margin_from_option(args.margin, args.scale),
-        args.dim,
-        args.classes,
-        args.sample_rate,
-        args.fp16,
-        comm=comm,
-        storage_dtype=DTYPES[args.storage_dtype],
-        seed=args.seed,
-    )
-
-
-def center_sgd_from_options(
-    args: argparse.Namespace, head: PartialFC, lr: float, momentum: float, weight_decay: float, update_in_backward: bool
-) -> SparseSGD:
-    """SparseSGD for `head` with the momentum `--momentum-dtype` asks for (none: no momentum at all)."""
-    kind = getattr(args, "momentum_dtype", None) or "storage"
-    plain = kind == "none"
-    return SparseSGD(
-        head,
-        lr=lr,
-        momentum=0.0 if plain else momentum,
-        weight_decay=weight_decay,
-        update_in_backward=update_in_backward,
-        momentum_dtype="storage" if plain else kind,
-    )
 
 
 def print_rank0(comm: Communicator, message: Any) -> None:

@@ -25,6 +25,7 @@ from easydict import EasyDict
 
 from partial_fc.comm import BACKENDS, Communicator
 from partial_fc.errors import InputError, MissingInputError
+from partial_fc.heads.sparse_sgd import CENTER_MOMENTUM_CHOICES
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # shipped in the package (pyproject package-data)
 ENV_PREFIX = "PFC_"
@@ -100,7 +101,6 @@ SECRET_KEYS = frozenset({"wandb_key"})
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")  # the names in DTYPES a run may store its centers in
-MOMENTUM_DTYPES = ("storage", "int8", "none")
 AMP_DTYPES = ("float16", "bfloat16")  # the names in DTYPES autocast may compute in
 ON_SAVE_ERROR = ("stop", "continue")
 
@@ -363,7 +363,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     "backend": (lambda v: v in BACKENDS, f"one of {', '.join(BACKENDS)}"),
     "storage_dtype": (lambda v: v in STORAGE_DTYPES, f"one of {', '.join(STORAGE_DTYPES)}"),
-    "momentum_dtype": (lambda v: v in MOMENTUM_DTYPES, f"one of {', '.join(MOMENTUM_DTYPES)}"),
+    "momentum_dtype": (lambda v: v in CENTER_MOMENTUM_CHOICES, f"one of {', '.join(CENTER_MOMENTUM_CHOICES)}"),
     "amp_dtype": (lambda v: v in AMP_DTYPES, f"one of {', '.join(AMP_DTYPES)}"),
     "on_save_error": (lambda v: v in ON_SAVE_ERROR, f"one of {', '.join(ON_SAVE_ERROR)}"),
     "rec": (bool, "a non-empty path"),

@@ -59,7 +59,8 @@ from partial_fc.engine.validation import Verifier, load_verification_sets
 from partial_fc.engine.watchdog import StepWatchdog
 from partial_fc.errors import InputError, MissingInputError, PartialFCError
 from partial_fc.fileio import atomic_path, os_error_cause
-from partial_fc.heads import CombinedMargin, NonFiniteEmbeddings, PartialFC, SparseAdamW, SparseSGD
+from partial_fc.heads import CombinedMargin, NonFiniteEmbeddings, PartialFC, SparseAdamW
+from partial_fc.heads.sparse_sgd import center_sgd
 from partial_fc.progress import print_line
 
 
@@ -138,15 +139,7 @@ def build_optimizers(
     in_backward = cfg.gradient_acc == 1
     if cfg.optimizer == "sgd":
         body = torch.optim.SGD(backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        plain = cfg.momentum_dtype == "none"  # the centers without momentum (the backbone keeps it)
-        centers = SparseSGD(
-            head,
-            lr=cfg.lr,
-            momentum=0.0 if plain else cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            update_in_backward=in_backward,
-            momentum_dtype="storage" if plain else cfg.momentum_dtype,
-        )
+        centers = center_sgd(head, cfg.lr, cfg.momentum, cfg.weight_decay, in_backward, cfg.momentum_dtype)
     else:
         body = torch.optim.AdamW(backbone.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         centers = SparseAdamW(head, lr=cfg.lr, weight_decay=cfg.weight_decay, update_in_backward=in_backward)

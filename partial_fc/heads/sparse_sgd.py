@@ -30,6 +30,8 @@ from partial_fc.heads.sampling import RowUpdater, SampledRows, gather_rows
 
 # How SparseSGD may keep its momentum: in the shard's storage dtype, or as int8 codes with a scale per row.
 MOMENTUM_DTYPES = ("storage", "int8")
+# What a run may ask for the centers' momentum: one of those, or none (plain SGD for the centers).
+CENTER_MOMENTUM_CHOICES = (*MOMENTUM_DTYPES, "none")
 INT8_LEVELS = 127
 # Rows whose largest |velocity| is below this are stored as zero (their gain 127^2 / max would overflow).
 INT8_SMALLEST_ROW_MAX = 1e-30
@@ -214,3 +216,26 @@ class SparseSGD(SparseRowsOptimizer):
         state["momentum_absmax"].index_copy_(0, index, encode_int8_rows(velocity, codes, scratch))
         put_rows(state["momentum_code"], index, codes)
         return velocity
+
+
+def center_sgd(
+    head: SampledRowsSource,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    update_in_backward: bool,
+    momentum_dtype: str = "storage",
+) -> SparseSGD:
+    """SparseSGD for the centers as a run configures them: `momentum_dtype` is one of `CENTER_MOMENTUM_CHOICES`,
+    "none" meaning plain SGD for the centers, with no momentum state (the 20M-class setting on a small box)."""
+    if momentum_dtype not in CENTER_MOMENTUM_CHOICES:
+        raise ValueError(f"momentum_dtype={momentum_dtype!r} must be one of {', '.join(CENTER_MOMENTUM_CHOICES)}")
+    plain = momentum_dtype == "none"
+    return SparseSGD(
+        head,
+        lr=lr,
+        momentum=0.0 if plain else momentum,
+        weight_decay=weight_decay,
+        update_in_backward=update_in_backward,
+        momentum_dtype="storage" if plain else momentum_dtype,
+    )

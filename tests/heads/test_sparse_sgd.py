@@ -18,7 +18,7 @@ from partial_fc.engine.config import load_config
 from partial_fc.engine.trainer import Trainer, build_optimizers
 from partial_fc.errors import InputError
 from partial_fc.heads import ArcFace, PartialFC, SparseSGD
-from partial_fc.heads.sparse_sgd import INT8_LEVELS, decode_int8_rows, encode_int8_rows
+from partial_fc.heads.sparse_sgd import INT8_LEVELS, center_sgd, decode_int8_rows, encode_int8_rows
 from tests.engine.test_checkpoint import FirstOfMany
 from tests.launchers import REPO, launch, worker
 from tests.workers.checkpoint_job import CLASSES, DIM, build, train_step
@@ -143,6 +143,7 @@ def test_int8_momentum_is_the_same_updated_in_backward_or_in_step_and_with_bfloa
 
 
 def test_storage_momentum_is_unchanged_and_no_momentum_keeps_no_state():
+    """Also `center_sgd`, as a run asks for the centers' SGD: "none" is plain SGD with no state."""
     head = PartialFC(ArcFace(), 8, 20, comm=COMM, storage_dtype=torch.bfloat16)
     default = SparseSGD(head, lr=0.1)
     assert list(default.state[head.weight]) == ["momentum_buffer"]
@@ -151,6 +152,10 @@ def test_storage_momentum_is_unchanged_and_no_momentum_keeps_no_state():
     assert not plain.state
     with pytest.raises(ValueError, match="momentum_dtype='float8' must be one of storage, int8"):
         SparseSGD(PartialFC(ArcFace(), 8, 20, comm=COMM), lr=0.1, momentum_dtype="float8")
+    none = center_sgd(PartialFC(ArcFace(), 8, 20, comm=COMM), 0.1, 0.9, 5e-4, True, "none")
+    assert not none.state and none.param_groups[0]["momentum"] == 0.0
+    with pytest.raises(ValueError, match="momentum_dtype='float8' must be one of storage, int8, none"):
+        center_sgd(PartialFC(ArcFace(), 8, 20, comm=COMM), 0.1, 0.9, 5e-4, True, "float8")
 
 
 def test_config_selects_the_centers_momentum_and_refuses_it_with_adamw():

@@ -1,9 +1,13 @@
-"""A short multi-rank training of a small network plus the head: the loss falls, backbones stay identical."""
+"""The demo job: a short multi-rank training of a small network plus the head (the loss falls, backbones stay
+identical), and `run_demo`'s lines and summary in one process."""
 
 import json
 
 import pytest
+import torch
 
+from partial_fc.engine.demo import DemoSettings, run_demo
+from partial_fc.heads import CosFace
 from tests.launchers import launch
 
 DEMO = ["-m", "partial_fc", "demo", "--steps", "60", "--log-every", "20", "--classes", "500", "--batch", "64"]
@@ -40,3 +44,29 @@ def test_two_ranks_equal_one_process_on_the_whole_batch(launcher):
     two = summary(launch(launcher, 2, arguments).stdout)
     one = summary(launch(launcher, 1, [*arguments, "--batch", "128"]).stdout)
     assert abs(two["last_loss"] - one["last_loss"]) < 1e-4 * one["last_loss"]
+
+
+def test_run_demo_logs_its_steps_and_returns_the_summary(single):
+    settings = DemoSettings(
+        classes=200,
+        dim=32,
+        batch=32,
+        sample_rate=0.5,
+        steps=30,
+        margin=CosFace(s=32.0),
+        storage_dtype=torch.float32,
+        fp16=False,
+        seed=0,
+        input_dim=16,
+        noise=0.5,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        log_every=10,
+    )
+    lines = []
+    result = run_demo(settings, single, lines.append)
+    assert lines[0] == "demo: 1 rank(s) on single, 200 identities, batch 32 per rank, sample rate 0.5"
+    assert [line.split()[1] for line in lines[1:]] == ["1", "10", "20", "30"]
+    assert result["job"] == "demo" and result["world_size"] == 1 and result["steps"] == 30
+    assert result["replicas_identical"] is True and result["last_loss"] < result["first_loss"]
