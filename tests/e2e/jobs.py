@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import time
 from pathlib import Path
+from typing import NoReturn
 
+import psutil
 import pytest
 
 from tests.launchers import REPO, _environment
@@ -39,10 +43,32 @@ def start_job(argv: list[str], env: dict[str, str], new_session: bool = True) ->
     )
 
 
+def fail_job(job: subprocess.Popen, what: str) -> NoReturn:
+    """Fail the test with the job's output, after killing it and every process under it (a launcher's ranks keep
+    its pipes open: killing the job alone would leave the output never ending)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for process in [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+    try:
+        output = job.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        output = ("(no output: the pipes stayed open after the kill)", "")
+    pytest.fail(f"{what}: exit status {job.poll()}, output {output}")
+
+
 def finish(job: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:
     """The started job's (stdout, stderr) once it ends; one that outlives `timeout` is killed and fails the test."""
     try:
         return job.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        job.kill()
-        pytest.fail(f"{what} for {timeout} s: {job.communicate()}")
+        fail_job(job, f"{what} for {timeout} s")
+
+
+def wait_for_folder(job: subprocess.Popen, folder: Path, timeout: float) -> None:
+    """Wait until the running job has written `folder`; a job that ends first or takes longer fails the test."""
+    deadline = time.monotonic() + timeout
+    while not folder.is_dir():
+        if job.poll() is not None or time.monotonic() > deadline:
+            fail_job(job, f"{folder.name} not written within {timeout} s")
+        time.sleep(0.1)

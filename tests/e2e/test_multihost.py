@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.e2e.jobs import finish, run, run_settings, start_job
+from tests.e2e.jobs import finish, run, run_settings, start_job, wait_for_folder
 from tests.hosts import simulated_hosts
 from tests.launchers import REPO, _environment, require, wait_for_step
 from tests.train_runs import metrics
@@ -158,10 +158,7 @@ def test_run_sh_restarts_without_a_lost_host_and_finishes_the_plan(faceset, tmp_
             "MAX_RESTARTS": "2",
         }
         job = start_job(hosts.on(0, ["bash", "run.sh"]), env, new_session=False)
-        deadline = time.monotonic() + 200
-        while not (output / "checkpoints" / "step_00000006").is_dir():
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-            time.sleep(0.2)
+        wait_for_folder(job, output / "checkpoints" / "step_00000006", 200)
         lost_at = time.monotonic()
         hosts.lose(1)
         stdout, stderr = finish(job, 400, "run.sh hung after losing a host")

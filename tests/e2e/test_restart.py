@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.jobs import finish, run, run_settings, start_job
+from tests.e2e.jobs import finish, run, run_settings, start_job, wait_for_folder
 from tests.launchers import rank_process, require, wait_for_step
 from tests.train_runs import losses
 
@@ -37,10 +37,7 @@ def test_a_killed_rank_is_restarted_from_the_newest_checkpoint(faceset, uninterr
     output = tmp_path / "out"
     env = settings(faceset, output, MAX_RESTARTS="2", LAUNCHER=launcher)
     job = start_job(["bash", "run.sh"], env)
-    deadline = time.monotonic() + 200
-    while not (output / "checkpoints" / "step_00000008").is_dir():
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-        time.sleep(0.1)
+    wait_for_folder(job, output / "checkpoints" / "step_00000008", 200)
     victim = rank_process(job.pid, 1)
     assert victim is not None
     killed_at = time.monotonic()
