@@ -50,15 +50,15 @@ class HeadBenchSettings:
     batch: int  # per rank
     sample_rate: float
     margin: CombinedMargin
-    steps: int = 10
-    storage_dtype: str = "float32"
-    momentum_dtype: str | None = None  # None: the storage dtype
-    fp16: bool = False
-    seed: int = 0
-    warmup: int = 2
-    update_in_step: bool = False
-    reference_repeats: int = 3
-    force: bool = False
+    steps: int
+    storage_dtype: str
+    momentum_dtype: str | None  # None: the storage dtype
+    fp16: bool
+    seed: int
+    warmup: int
+    update_in_step: bool
+    reference_repeats: int
+    force: bool
 
 
 def build_head(settings: HeadBenchSettings, comm: Communicator) -> tuple[PartialFC, SparseSGD]:
