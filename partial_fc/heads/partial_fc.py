@@ -19,6 +19,7 @@ from torch import nn
 from partial_fc.comm import Communicator, get_communicator
 from partial_fc.errors import InputError
 from partial_fc.heads.margins import as_margin
+from partial_fc.heads.row_tables import new_row_table
 from partial_fc.heads.sampling import RowUpdater, SampledRows, sample_centers
 from partial_fc.heads.sharded_softmax import ReusedBuffer, ShardedMarginSoftmaxLoss, ShardedSoftmaxInputs
 from partial_fc.heads.sharding import shard_range
@@ -128,7 +129,7 @@ class PartialFC(nn.Module):
         device = self.comm.device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(_rank_seed(seed, self.comm.rank))
-        weight = torch.empty((self.num_local, self.embedding_size), dtype=storage_dtype, device=device)
+        weight = new_row_table((self.num_local, self.embedding_size), storage_dtype, device, zero=False)
         self._init_seed, self._init_std = seed, init_std
         if initialise:
             initialise_centers(weight, self.class_start, seed, init_std)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from partial_fc.heads.row_copy import put_rows
+from partial_fc.heads.row_tables import new_row_table
 from partial_fc.heads.sampling import gather_rows
 from partial_fc.heads.sparse_sgd import SampledRowsSource, SparseRowsOptimizer
 
@@ -41,8 +42,8 @@ class SparseAdamW(SparseRowsOptimizer):
         weight = head.weight
         self.state[weight].update(
             step=torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device),
-            exp_avg=torch.zeros_like(weight),
-            exp_avg_sq=torch.zeros_like(weight),
+            exp_avg=new_row_table(weight.shape, weight.dtype, weight.device, zero=True),
+            exp_avg_sq=new_row_table(weight.shape, weight.dtype, weight.device, zero=True),
         )
         self._exp_avg = torch.empty_like(head.workspace)
         self._exp_avg_sq = torch.empty_like(head.workspace)

@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 
 from partial_fc.heads.row_copy import put_rows, take_rows, update_int8_momentum, update_sgd_rows
+from partial_fc.heads.row_tables import new_row_table
 from partial_fc.heads.sampling import RowUpdater, SampledRows, gather_rows
 
 # How SparseSGD may keep its momentum: in the shard's storage dtype, or as int8 codes with a scale per row.
@@ -152,14 +153,14 @@ class SparseSGD(SparseRowsOptimizer):
         self.momentum_dtype = momentum_dtype
         weight = head.weight
         if momentum > 0 and momentum_dtype == "int8":
-            self.state[weight]["momentum_code"] = torch.zeros(weight.shape, dtype=torch.int8, device=weight.device)
+            self.state[weight]["momentum_code"] = new_row_table(weight.shape, torch.int8, weight.device, zero=True)
             self.state[weight]["momentum_absmax"] = torch.zeros(
                 weight.shape[0], dtype=torch.float32, device=weight.device
             )
             self._codes = torch.empty(head.workspace.shape, dtype=torch.int8, device=weight.device)
             self._scratch = torch.empty_like(head.workspace)
         elif momentum > 0:
-            self.state[weight]["momentum_buffer"] = torch.zeros_like(weight)
+            self.state[weight]["momentum_buffer"] = new_row_table(weight.shape, weight.dtype, weight.device, zero=True)
         self._velocity = torch.empty_like(head.workspace)
 
     @torch.no_grad()
