@@ -43,18 +43,43 @@ def start_job(argv: list[str], env: dict[str, str], new_session: bool = True) ->
     )
 
 
-def fail_job(job: subprocess.Popen, what: str) -> NoReturn:
-    """Fail the test with the job's output, after killing it and every process under it (a launcher's ranks keep
-    its pipes open: killing the job alone would leave the output never ending)."""
+def _processes_under(job: subprocess.Popen) -> list[psutil.Process]:
     with contextlib.suppress(psutil.NoSuchProcess):
-        for process in [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+        return [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]
+    return []
+
+
+def _describe(processes: list[psutil.Process]) -> str:
+    """Each process's pid, state and command line, then the other processes that used the most CPU: where a job
+    stood when it was killed (its own output is often empty until then), and whether something else held the cores."""
+    lines = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            lines.append(f"  {process.pid} {process.status()} {' '.join(process.cmdline())[:200]}")
+    mine = {process.pid for process in processes}
+    others = []
+    for process in psutil.process_iter(["pid", "cpu_times", "cmdline"]):
+        with contextlib.suppress(psutil.Error, TypeError):
+            if process.pid not in mine and process.info["cmdline"]:
+                others.append((sum(process.info["cpu_times"][:2]), process.pid, " ".join(process.info["cmdline"])))
+    lines.append("the other processes that used the most CPU time:")
+    lines += [f"  {pid} {seconds:.0f} s {line[:160]}" for seconds, pid, line in sorted(others, reverse=True)[:5]]
+    return "\n".join(lines)
+
+
+def fail_job(job: subprocess.Popen, what: str) -> NoReturn:
+    """Fail the test with the job's processes and output, after killing it and every process under it (a
+    launcher's ranks keep its pipes open: killing the job alone would leave the output never ending)."""
+    processes = _processes_under(job)
+    standing = _describe(processes)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
     try:
         output = job.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         output = ("(no output: the pipes stayed open after the kill)", "")
-    pytest.fail(f"{what}: exit status {job.poll()}, output {output}")
+    pytest.fail(f"{what}: exit status {job.poll()}, processes when killed:\n{standing}\noutput {output}")
 
 
 def finish(job: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:
