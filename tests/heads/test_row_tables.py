@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 def huge_page_kib(tensor: torch.Tensor) -> int:
     """AnonHugePages summed over the memory mappings that overlap `tensor`'s bytes, from /proc/self/smaps (the
-    advice splits a mapping: the first page, shared with the allocator's header, is a mapping of its own)."""
+    advice can split a mapping in two)."""
     first = tensor.data_ptr()
     last = first + tensor.numel() * tensor.element_size()
     total, overlapping = 0, False
@@ -38,10 +38,45 @@ def huge_page_kib(tensor: torch.Tensor) -> int:
 
 @needs_thp
 def test_a_big_table_lands_on_huge_pages_and_holds_zeros():
-    table = new_row_table((32768, 512), torch.float32, CPU, zero=True)  # 64 MB: a mapping of its own
+    table = new_row_table((32768, 512), torch.float32, CPU, zero=True)  # 64 MB
     assert table.shape == (32768, 512) and table.dtype == torch.float32
     assert not table.any()
+    table[::97] = 1.0  # pages come into being at their first write
     assert huge_page_kib(table) >= 32 * 1024  # at least half of it in 2 MB pages
+
+
+def mappings_holding(address: int) -> list[str]:
+    """The lines of /proc/self/maps whose range holds `address`."""
+    held = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        start, end = (int(part, 16) for part in line.split()[0].split("-"))
+        if start <= address < end:
+            held.append(line)
+    return held
+
+
+@needs_thp
+def test_a_table_after_much_freed_memory_is_still_on_huge_pages():
+    """Memory the allocator hands back out is already faulted in small pages; a table must not land in it."""
+    for size in (40 << 20, 24 << 20, 64 << 20, 8 << 20):
+        scratch = torch.ones(size // 4)  # touched, then freed: the allocator keeps or reuses it
+        del scratch
+    table = new_row_table((16384, 512), torch.float32, CPU, zero=False)  # 32 MB
+    table.fill_(2.0)
+    assert table.data_ptr() % (2 << 20) == 0
+    assert huge_page_kib(table) >= 16 * 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_dropped_table_gives_its_memory_back():
+    table = new_row_table((8192, 512), torch.float32, CPU, zero=True)
+    address = table.data_ptr()
+    row = table[3]
+    del table
+    assert mappings_holding(address), "a view still holds the table"
+    assert not row.any()
+    del row
+    assert not mappings_holding(address)
 
 
 @needs_madvise_mode
@@ -61,6 +96,8 @@ def test_the_center_shard_and_its_optimizer_state_are_on_huge_pages(optimizer_ki
         optimizer = SparseSGD(head, lr=0.1, momentum_dtype="int8" if optimizer_kind == "sgd-int8" else "storage")
     tables = [head.weight] + [state for state in optimizer.state[head.weight].values() if state.dim() == 2]
     assert len(tables) == (3 if optimizer_kind == "adamw" else 2)
+    for state in tables[1:]:
+        state.fill_(0)  # the shard was written by its initialisation; pages come into being at the first write
     for table in tables:
         assert huge_page_kib(table) >= table.numel() * table.element_size() // 2048, table.dtype
     embeddings = torch.randn(8, 512, requires_grad=True)
