@@ -14,6 +14,7 @@ another OS) or the table is on a GPU, the table is ordinary memory with the same
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import sys
@@ -54,10 +55,8 @@ def _huge_page_table(shape: tuple[int, ...], dtype: torch.dtype, numel: int, nby
 
 def new_row_table(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, zero: bool) -> torch.Tensor:
     """A table for random row access (`zero`: filled with zeros, else uninitialised), on huge pages where allowed."""
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
     if _advised(nbytes, device):
         return _huge_page_table(tuple(shape), dtype, numel, nbytes)
     table = torch.empty(shape, dtype=dtype, device=device)
