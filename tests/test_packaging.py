@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from partial_fc.heads.row_copy import native_rows_available
+from partial_fc.heads.softmax_kernels import native_softmax_built
 from tests.launchers import REPO
 
 PROBE = """
@@ -16,8 +17,10 @@ import json
 import partial_fc
 from partial_fc.engine.config import CONFIGS_DIR, load_config
 from partial_fc.heads.row_copy import native_rows_available
+from partial_fc.heads.softmax_kernels import native_softmax_built
 print(json.dumps({
     "native_rows": native_rows_available(),
+    "native_softmax": native_softmax_built(),
     "package": partial_fc.__file__,
     "configs_dir": str(CONFIGS_DIR),
     "names": sorted(path.stem for path in CONFIGS_DIR.glob("*.py")),
@@ -70,3 +73,4 @@ def test_an_installed_package_loads_its_named_configs(tmp_path):
     assert {"ms1mv3_r50", "glint360k_r100", "wf42m_pfc02_r50", "synthetic"} <= set(found["names"])
     assert found["synthetic"] == found["by_path"] == "r10_nano"
     assert found["native_rows"] == native_rows_available()  # row_copy.c ships with the package and builds
+    assert found["native_softmax"] == native_softmax_built()  # and softmax_kernels.c

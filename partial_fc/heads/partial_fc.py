@@ -23,12 +23,14 @@ from partial_fc.heads.row_tables import new_row_table
 from partial_fc.heads.sampling import RowUpdater, SampledRows, sample_centers
 from partial_fc.heads.sharded_softmax import ReusedBuffer, ShardedMarginSoftmaxLoss, ShardedSoftmaxInputs
 from partial_fc.heads.sharding import shard_range
+from partial_fc.heads.softmax_kernels import native_softmax_usable
 
 # Forward passes whose sampled rows may wait for SparseSGD.step(); more means nobody is updating the centers.
 MAX_PENDING_STEPS = 64
 
-# Per-rank batch facts gathered before any other collective, so every rank can reject bad input together.
-_FACTS = ("batch", "width", "labels", "finite", "min_label", "max_label", "integer_labels")
+# Per-rank batch facts gathered before any other collective, so every rank can reject bad input together, and
+# whether the rank can run the softmax's C passes (all ranks must, for its collectives to match).
+_FACTS = ("batch", "width", "labels", "finite", "min_label", "max_label", "integer_labels", "native_softmax")
 
 
 # Centers are initialised in blocks of this many global classes, each from its own seed.
@@ -186,8 +188,9 @@ class PartialFC(nn.Module):
         if storage_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise InputError(f"PartialFC storage_dtype={storage_dtype} must be float32, float64, bfloat16 or float16")
 
-    def _gather_batch_facts(self, embeddings: torch.Tensor, labels: torch.Tensor) -> list[int]:
-        """All ranks' batch sizes, after checking every rank's batch; raises the same InputError on every rank."""
+    def _gather_batch_facts(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], bool]:
+        """All ranks' batch sizes, after checking every rank's batch (raising the same InputError on every rank),
+        and whether every rank can run the softmax's C passes."""
         device = self.comm.device
         width = embeddings.shape[1] if embeddings.dim() == 2 else -1
         integer = not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool)
@@ -203,6 +206,7 @@ class PartialFC(nn.Module):
                 zero if empty else flat.min().to(device=device, dtype=torch.int64),
                 zero if empty else flat.max().to(device=device, dtype=torch.int64),
                 torch.tensor(int(integer), device=device),
+                torch.tensor(int(native_softmax_usable(self.workspace)), device=device),
             ]
         ).to(torch.int64)
         every = self.comm.all_gather(facts.unsqueeze(0), sizes=[1] * self.comm.world_size).tolist()
@@ -225,11 +229,11 @@ class PartialFC(nn.Module):
         sizes = [int(row[0]) for row in every]
         if sum(sizes) == 0:
             raise InputError("PartialFC input: every rank's batch is empty")
-        return sizes
+        return sizes, all(row[_FACTS.index("native_softmax")] for row in every)
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """Gather the batch from every rank, sample centers, and return the global mean margin-softmax loss."""
-        sizes = self._gather_batch_facts(local_embeddings, local_labels)
+        sizes, native_softmax = self._gather_batch_facts(local_embeddings, local_labels)
         labels = self.comm.all_gather(local_labels.reshape(-1).to(device=self.comm.device, dtype=torch.int64), sizes)
         # The loss is the global-batch mean; each rank's embeddings get world_size times their share of its
         # gradient, so that the backbone's averaging all-reduce (DDP, Horovod) yields the global-batch gradient.
@@ -255,6 +259,7 @@ class PartialFC(nn.Module):
             self.workspace,
             self.logits_buffer,
             sampled_rows,
+            native_softmax,
         )
         trigger = self._backward_trigger if sampled_rows is not None else None
         return ShardedMarginSoftmaxLoss.apply(F.normalize(embeddings, dim=1), inputs, trigger)

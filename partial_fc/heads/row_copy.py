@@ -5,7 +5,7 @@ half of memcpy's rate and index_copy_ at a quarter; the C routines in row_copy.c
 and prefetch the rows a few indices ahead, which made a 1024-row gather 1.2x and a scatter 2.5x faster
 (50,000 sorted rows of a 500,000 x 512 float32 table). Between a bfloat16 table and a float32 buffer they
 convert in the same single pass, where torch gathers into a temporary and converts it in a second.
-They are compiled with the system's C compiler (`CC`, else `cc`) on first use into ~/.cache/partial_fc.
+They are compiled with the system's C compiler on first use (`heads/native_build.py`).
 torch's ops run instead where the routines do not apply: no compiler, `PARTIAL_FC_NATIVE_ROWS=0`, tensors
 off the CPU, another dtype conversion, non-contiguous memory, or more than one torch thread (the routines
 use one)."""
@@ -14,62 +14,25 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch.autograd.graph import increment_version
 
+from partial_fc.heads.native_build import load_library
+
 _SOURCE = Path(__file__).with_suffix(".c")
 _DISABLE = "PARTIAL_FC_NATIVE_ROWS"
 # No implicit fused multiply-adds: the routines round as torch's ops do, fusing only where torch fuses (fmaf).
 # A float32 buffer is read and written as bits by the bfloat16 conversions, hence no strict aliasing.
-_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-strict-aliasing", "-shared", "-fPIC")
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "partial_fc" / "native"
-
-
-def _build(source: bytes, compiler: str) -> Path | None:
-    """The shared library compiled from `source`, built once per source and compiler and kept in the cache."""
-    digest = hashlib.sha256(source + " ".join((compiler, *_FLAGS)).encode()).hexdigest()[:16]
-    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "partial_fc-native"):
-        library = directory / f"row_copy-{digest}.so"
-        if library.exists():
-            return library
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, partial = tempfile.mkstemp(prefix=".row_copy-", suffix=".so", dir=directory)
-            os.close(fd)
-        except OSError:
-            continue
-        try:
-            subprocess.run(
-                [compiler, *_FLAGS, "-o", partial, str(_SOURCE), "-lm"], check=True, capture_output=True, timeout=120
-            )
-            os.replace(partial, library)  # concurrent ranks each build and rename; any one of them wins
-            return library
-        except (OSError, subprocess.SubprocessError):
-            Path(partial).unlink(missing_ok=True)
-            return None
-    return None
+_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-strict-aliasing")
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled routines, or None where they cannot be built or loaded (torch's ops are used then)."""
-    if os.environ.get(_DISABLE, "1") == "0":
-        return None
-    library_path = _build(_SOURCE.read_bytes(), os.environ.get("CC", "cc"))
-    if library_path is None:
-        return None
-    try:
-        library = ctypes.CDLL(str(library_path))
-    except OSError:
+    library = load_library(_SOURCE, _FLAGS, _DISABLE)
+    if library is None:
         return None
     for function in (
         library.pfc_take_rows,

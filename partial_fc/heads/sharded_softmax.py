@@ -1,8 +1,11 @@
 """The margin softmax cross-entropy over class centers sharded across ranks, as one autograd function.
 
 Each rank holds the logits of every gathered embedding against its own sampled centers, laid out
-[sampled classes, batch] so that every chunk of classes is a contiguous block. The softmax normaliser
-is assembled with one all-reduce of row maxima and one of sums. The logits buffer is reused in place for
+[sampled classes, batch] so that every chunk of classes is a contiguous block. On a CPU with the C passes
+(`softmax_kernels`), each chunk is exponentiated right after its product with one shift for every row,
+s - 40, and one all-reduce assembles the normaliser; where they do not run, or where that shift would lose
+precision, the exponentials are shifted by each row's maximum, with one all-reduce of row maxima and one of
+sums. The logits buffer is reused in place for
 the exponentials and then for the gradient, and lent again to the next step (`ReusedBuffer`); every pass
 over it that can runs a chunk at a time, right after that chunk's product while it is in cache, and the
 softmax's per-column division is applied to the small [batch, D] operands of backward's products instead of
@@ -19,6 +22,7 @@ probability, and hence their gradient, is exactly 0 without any mask kept for ba
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +30,11 @@ import torch
 from partial_fc.comm.base import Communicator, ReduceOp
 from partial_fc.heads.margins import CombinedMargin
 from partial_fc.heads.sampling import SampledCenters, SampledRows, gather_rows
+from partial_fc.heads.softmax_kernels import FLUSHED_BOUND, exponentiate_chunk, remove_radial
 
 _NORM_FLOOR = 1e-12
+# The fixed shift's distance below s: exponentials up to e^40, so that no sum of them overflows float32.
+_FIXED_SHIFT_HEADROOM = 40.0
 
 
 def _mm_into(
@@ -96,7 +103,8 @@ class ShardedSoftmaxInputs:
     `filtering_threshold`: inter-class filtering (0 disables it); `matmul_dtype`: reduced-precision products, if
     any; `workspace`: a reusable [chunk, D] buffer whose first dimension is the chunk size; `logits_buffer`: where
     the [S, B] logits live from forward to backward; `sampled_rows`: the record that receives the sampled rows'
-    gradient (None when no gradient is wanted for the centers).
+    gradient (None when no gradient is wanted for the centers); `native_softmax`: every rank can run the C passes
+    (`softmax_kernels.native_softmax_usable`), agreed before any collective of the softmax.
     """
 
     weight: torch.Tensor
@@ -108,6 +116,118 @@ class ShardedSoftmaxInputs:
     workspace: torch.Tensor
     logits_buffer: ReusedBuffer
     sampled_rows: SampledRows | None
+    native_softmax: bool = False
+
+
+@dataclass
+class _Exponentials:
+    """What forward's exponentials leave beside the buffer: the shift (per batch row, or one number), the global
+    sums of exponentials and positive logits per batch row, and this rank's positives' cosines and logits."""
+
+    shift: torch.Tensor | float
+    sum_exp: torch.Tensor
+    positive_logits: torch.Tensor
+    target_cosines: torch.Tensor
+    target_logits: torch.Tensor
+
+
+def _scaled_cosines_in_chunks(embeddings, inputs, logits, inverse_norms, chunk_pass) -> None:
+    """s*cos [S, B], a chunk of centers at a time: gather, inverse norms, W_chunk X^T, then `chunk_pass(part,
+    block, row_scale)` while the chunk is in cache, with row_scale = s / |w| of the chunk's centers."""
+    transposed_embeddings = embeddings.t()
+    for part in _chunks(logits.shape[0], inputs.workspace.shape[0]):
+        centers = gather_rows(inputs.weight, inputs.sampled.index[part], inputs.workspace)
+        norms = inverse_norms[part]
+        torch.linalg.vector_norm(centers, dim=1, out=norms)
+        norms.clamp_min_(_NORM_FLOOR).reciprocal_()
+        block = logits[part]
+        _mm_into(block, centers, transposed_embeddings, inputs.matmul_dtype)
+        chunk_pass(part, block, norms * inputs.margin.s)
+
+
+def _exponentials_fixed_shift(embeddings, inputs, logits, inverse_norms) -> _Exponentials | None:
+    """The exponentials with one shift for every batch row, taken in the product's chunk loop by one C pass each.
+
+    Every logit is at most s, so with shift = s - 40 no exponential exceeds e^40 and no sum can overflow. The
+    price is that a row whose logits all lie far below s has exponentials under float's range: those are
+    counted, and when they could have moved any row's sum by more than 2^-30 of it, None asks for the exact
+    per-row shift. One all-reduce carries the sums, the filtered and flushed counts and the positive logits.
+    """
+    margin, comm, (index, rows, cols) = inputs.margin, inputs.comm, inputs.sampled
+    batch, chunk_rows = embeddings.shape[0], inputs.workspace.shape[0]
+    shift = max(0.0, margin.s - _FIXED_SHIFT_HEADROOM)
+    limit = inputs.filtering_threshold * margin.s if inputs.filtering_threshold > 0 else math.inf
+    # the positives as flat offsets into their chunk, in chunk order, and where each chunk's run of them starts
+    order = cols.argsort()
+    positive_cols = cols[order]
+    chunk_of_positive = positive_cols.div(chunk_rows, rounding_mode="floor")
+    offsets = (positive_cols - chunk_of_positive * chunk_rows).mul_(batch).add_(rows[order])
+    chunk_count = -(-index.numel() // chunk_rows)
+    bounds = torch.searchsorted(chunk_of_positive, torch.arange(chunk_count + 1, device=cols.device)).tolist()
+    plain_positive_logits = embeddings.new_empty(cols.numel())
+    totals = embeddings.new_zeros(4, batch)  # sums, filtered, flushed, positive logits
+    scratch = embeddings.new_empty(batch)
+
+    def exponentiate(part: slice, block: torch.Tensor, row_scale: torch.Tensor) -> None:
+        run = slice(bounds[part.start // chunk_rows], bounds[part.start // chunk_rows + 1])
+        exponentiate_chunk(
+            block, row_scale, shift, limit, offsets[run], plain_positive_logits[run], totals[:3], scratch
+        )
+
+    _scaled_cosines_in_chunks(embeddings, inputs, logits, inverse_norms, exponentiate)
+    target_cosines = torch.empty_like(plain_positive_logits)
+    target_cosines[order] = plain_positive_logits
+    target_cosines.div_(margin.s).clamp_(-1.0, 1.0)
+    target_logits = margin.target_logit(target_cosines)
+    positive_exponentials = (target_logits - shift).exp_()
+    logits[cols, rows] = positive_exponentials
+    totals[0, rows] += positive_exponentials
+    totals[3, rows] = target_logits
+    comm.all_reduce(totals, ReduceOp.SUM)
+    sums, filtered, flushed, positive_logits = totals
+    sum_exp = sums.addcmul_(filtered, sums.new_tensor(-shift).exp_())  # a filtered entry counts as cosine 0
+    if bool((flushed * FLUSHED_BOUND > sum_exp * 2.0**-30).any()):
+        return None
+    return _Exponentials(shift, sum_exp, positive_logits, target_cosines, target_logits)
+
+
+def _exponentials_max_shift(embeddings, inputs, logits, inverse_norms) -> _Exponentials:
+    """The exponentials shifted by each batch row's global maximum logit: two all-reduces and a second pass."""
+    margin, comm, (index, rows, cols) = inputs.margin, inputs.comm, inputs.sampled
+    chunk_rows = inputs.workspace.shape[0]
+    row_max = embeddings.new_full((embeddings.shape[0],), -torch.inf)
+
+    def scale_and_take_maxima(part: slice, block: torch.Tensor, row_scale: torch.Tensor) -> None:
+        block.mul_(row_scale.unsqueeze(1))
+        torch.maximum(row_max, block.amax(dim=0), out=row_max)
+
+    _scaled_cosines_in_chunks(embeddings, inputs, logits, inverse_norms, scale_and_take_maxima)
+    # the margin at the positives this rank holds. Only the positives are clamped to [-1, 1] (acos needs it);
+    # elsewhere rounding past 1 is harmless.
+    target_cosines = logits[cols, rows].div_(margin.s).clamp_(-1.0, 1.0)
+    target_logits = margin.target_logit(target_cosines)
+    filtered = None
+    if inputs.filtering_threshold > 0:
+        logits[cols, rows] = -torch.inf
+        filtered = _filter_negatives(logits, inputs.filtering_threshold * margin.s, chunk_rows)
+    logits[cols, rows] = target_logits
+    # the shift: the global maximum of each batch row's logits before the margin and filtering, and of its
+    # positive logit (each batch row has one positive, on one rank). It bounds every logit, a filtered one's 0
+    # included (it exceeded t*s > 0).
+    row_max[rows] = torch.maximum(row_max[rows], target_logits)
+    comm.all_reduce(row_max, ReduceOp.MAX)
+    # exponentials in place and their sums, a chunk at a time; one all-reduce for both the global sum of
+    # exponentials and each row's positive logit.
+    sums = logits.new_zeros(2, embeddings.shape[0])
+    for part in _chunks(index.numel(), chunk_rows):
+        block = logits[part]
+        block.sub_(row_max).exp_()
+        sums[0].add_(block.sum(dim=0))
+    if filtered is not None:
+        sums[0].addcmul_(filtered, row_max.neg().exp_())
+    sums[1, rows] = target_logits
+    comm.all_reduce(sums, ReduceOp.SUM)
+    return _Exponentials(row_max, sums[0], sums[1], target_cosines, target_logits)
 
 
 class ShardedMarginSoftmaxLoss(torch.autograd.Function):
@@ -122,60 +242,31 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
     def forward(
         ctx, embeddings: torch.Tensor, inputs: ShardedSoftmaxInputs, backward_trigger: torch.Tensor | None
     ) -> torch.Tensor:
-        weight, margin, comm, workspace = inputs.weight, inputs.margin, inputs.comm, inputs.workspace
         index, rows, cols = inputs.sampled
-        filtering_threshold, matmul_dtype = inputs.filtering_threshold, inputs.matmul_dtype
         batch, sampled = embeddings.shape[0], index.numel()
-        transposed_embeddings = embeddings.t()
-        # 1. scaled cosines s*cos [S, B], a chunk of centers at a time while it is in cache: gather, inverse
-        #    norms, W_chunk X^T, each row times s / |w|, and the chunk's largest value of each batch row.
+        # 1. scaled cosines s*cos [S, B] a chunk at a time, the margin at the positives this rank holds, and the
+        #    exponentials in place with their global sums: in the chunk loop with a fixed shift where the C pass
+        #    applies and the shift loses nothing, else after a second pass shifted by each row's maximum.
         logits = inputs.logits_buffer.borrow((sampled, batch), embeddings)
         inverse_norms = embeddings.new_empty(sampled)
-        row_max = embeddings.new_full((batch,), -torch.inf)
-        for part in _chunks(sampled, workspace.shape[0]):
-            centers = gather_rows(weight, index[part], workspace)
-            norms = inverse_norms[part]
-            torch.linalg.vector_norm(centers, dim=1, out=norms)
-            norms.clamp_min_(_NORM_FLOOR).reciprocal_()
-            block = logits[part]
-            _mm_into(block, centers, transposed_embeddings, matmul_dtype)
-            block.mul_((norms * margin.s).unsqueeze(1))
-            torch.maximum(row_max, block.amax(dim=0), out=row_max)
-        # 2. the margin at the positives this rank holds. Only the positives are clamped to [-1, 1] (acos needs
-        #    it); elsewhere rounding past 1 is harmless.
-        target_cosines = logits[cols, rows].div_(margin.s).clamp_(-1.0, 1.0)
-        target_logits = margin.target_logit(target_cosines)
-        filtered = None
-        if filtering_threshold > 0:
-            logits[cols, rows] = -torch.inf
-            filtered = _filter_negatives(logits, filtering_threshold * margin.s, workspace.shape[0])
-        logits[cols, rows] = target_logits
-        # 3. a shift for a stable exponential: the global maximum of each batch row's logits before the margin and
-        #    filtering, and of its positive logit (each batch row has one positive, on one rank). The softmax does
-        #    not depend on the shift; this one bounds every logit, a filtered one's 0 included (it exceeded t*s > 0).
-        row_max[rows] = torch.maximum(row_max[rows], target_logits)
-        comm.all_reduce(row_max, ReduceOp.MAX)
-        # 4. exponentials in place and their sums, a chunk at a time; one all-reduce for both the global sum of
-        #    exponentials and each row's positive logit.
-        sums = logits.new_zeros(2, batch)
-        for part in _chunks(sampled, workspace.shape[0]):
-            block = logits[part]
-            block.sub_(row_max).exp_()
-            sums[0].add_(block.sum(dim=0))
-        if filtered is not None:
-            sums[0].addcmul_(filtered, row_max.neg().exp_())
-        sums[1, rows] = target_logits
-        comm.all_reduce(sums, ReduceOp.SUM)
-        sum_exp, positive_logits = sums[0], sums[1]
-        loss = (sum_exp.log() + row_max - positive_logits).mean()
-        # 5. the exponentials stay in the buffer for backward, which divides by their sums where it scales them.
-        ctx.save_for_backward(embeddings, index, inverse_norms, rows, cols, margin.target_grad(target_cosines), sum_exp)
+        exponentials = None
+        if inputs.native_softmax:
+            exponentials = _exponentials_fixed_shift(embeddings, inputs, logits, inverse_norms)
+        if exponentials is None:
+            exponentials = _exponentials_max_shift(embeddings, inputs, logits, inverse_norms)
+        # 2. the loss: -log of each row's positive probability, averaged over the global batch.
+        sum_exp = exponentials.sum_exp
+        loss = (sum_exp.log() + exponentials.shift - exponentials.positive_logits).mean()
+        # 3. the exponentials stay in the buffer for backward, which divides by their sums where it scales them.
+        target_slopes = inputs.margin.target_grad(exponentials.target_cosines)
+        ctx.save_for_backward(embeddings, index, inverse_norms, rows, cols, target_slopes, sum_exp)
         ctx.exponentials, ctx.logits_buffer = logits, inputs.logits_buffer
         if not any(ctx.needs_input_grad):
             inputs.logits_buffer.give_back(logits)  # no backward will come for it
+        weight = inputs.weight
         ctx.weight, ctx.weight_version = weight, weight._version
         ctx.sampled_rows = inputs.sampled_rows
-        ctx.scale, ctx.matmul_dtype, ctx.workspace = margin.s, matmul_dtype, workspace
+        ctx.scale, ctx.matmul_dtype, ctx.workspace = inputs.margin.s, inputs.matmul_dtype, inputs.workspace
         return loss
 
     @staticmethod
@@ -209,8 +300,7 @@ class ShardedMarginSoftmaxLoss(torch.autograd.Function):
             center_grad = sampled_rows.gradient_buffer(part, embeddings)
             _mm_into(center_grad, block, scaled_embeddings, ctx.matmul_dtype)
             # through W / |W|: keep only the part of each center's gradient orthogonal to that center.
-            radial = torch.linalg.vecdot(center_grad, centers).unsqueeze_(1).mul_(squared_inverse_norms[part])
-            center_grad.addcmul_(centers, radial, value=-1.0)
+            remove_radial(center_grad, centers, squared_inverse_norms[part])
             sampled_rows.gradient_done(part, centers, center_grad)
         if grad_embeddings is not None:
             grad_embeddings.mul_(column_scale.unsqueeze(1))

@@ -44,3 +44,12 @@ def test_distributed_head_matches_single_process_reference(tmp_path, launcher, r
     job = launch(launcher, ranks, [worker("head_step.py"), "--out", str(tmp_path)])
     assert job.returncode == 0, job.stdout + job.stderr
     check_against_reference(tmp_path, ranks, backend)
+
+
+@pytest.mark.mpi
+def test_a_rank_without_the_c_passes_leads_every_rank_to_torchs_ops(tmp_path):
+    """Ranks agree on the softmax's path before its collectives: one rank lacking the C passes (no compiler,
+    another thread count) must not leave the others on the fixed-shift path with their different all-reduces."""
+    job = launch("mpirun", 2, [worker("head_step.py"), "--out", str(tmp_path), "--torch-softmax-rank", "1"])
+    assert job.returncode == 0, job.stdout + job.stderr
+    check_against_reference(tmp_path, 2, "torch")

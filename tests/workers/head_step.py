@@ -6,6 +6,7 @@ results with a single-process float64 reference.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +26,11 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=8)
     parser.add_argument("--margin", default="1.0,0.5,0.0")
     parser.add_argument("--sample-rate", type=float, default=1.0)
+    parser.add_argument("--torch-softmax-rank", type=int, default=-1, help="this rank runs without the C passes")
     args = parser.parse_args()
     comm = get_communicator()
+    if comm.rank == args.torch_softmax_rank:
+        os.environ["PARTIAL_FC_NATIVE_SOFTMAX"] = "0"  # read at the head's first forward
     m1, m2, m3 = (float(v) for v in args.margin.split(","))
     results = {"backend": comm.name, "world_size": comm.world_size}
     for dtype in (torch.float64, torch.float32):
