@@ -7,12 +7,13 @@
  * the entries whose exponential fell under float's normal range (stored as 0: the caller bounds what they
  * could have added and falls back to the exact shift when that is not negligible), and takes the positives out
  * (their scaled logit saved, their entry 0) for the caller's margin. Compiled for AVX-512, AVX2 and plain
- * x86-64, chosen at load time; each entry rounds the same in every variant (fused multiply-adds are written out,
- * fmaf, which the plain variant takes from the C library). */
+ * x86-64, chosen at load time (PFC_ONE_VARIANT builds only the one its flags ask for); each entry rounds the same
+ * in every variant: the fused multiply-adds are written out (fmaf, which the plain variant takes from the C
+ * library), and each column is summed in the same order. */
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(PFC_ONE_VARIANT)
 #define VARIANTS __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define VARIANTS

@@ -29,10 +29,9 @@ _FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math")
 FLUSHED_BOUND = 1.6516362549940018e-38
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled passes, or None where they cannot be built or loaded."""
-    library = load_library(_SOURCE, _FLAGS, _DISABLE)
+def build_library(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """softmax_kernels.c compiled (with `extra_flags` too) and loaded, or None where it cannot be."""
+    library = load_library(_SOURCE, _FLAGS + extra_flags, _DISABLE)
     if library is None:
         return None
     pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -41,6 +40,12 @@ def _library() -> ctypes.CDLL | None:
     library.pfc_remove_radial.restype = None
     library.pfc_remove_radial.argtypes = [pointer, pointer, size, size, pointer]
     return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled passes, or None where they cannot be built or loaded."""
+    return build_library()
 
 
 def native_softmax_built() -> bool:

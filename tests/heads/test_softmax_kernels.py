@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from partial_fc.heads import ArcFace, CombinedMargin, CosFace, PartialFC, SparseSGD, sharded_softmax
+from partial_fc.heads import ArcFace, CombinedMargin, CosFace, PartialFC, SparseSGD, sharded_softmax, softmax_kernels
 from partial_fc.heads.softmax_kernels import (
     FLUSHED_BOUND,
     exponentiate_chunk,
@@ -188,3 +188,35 @@ def test_with_two_threads_the_head_runs_torchs_ops(taken_paths, single):
     finally:
         torch.set_num_threads(threads)
     assert taken_paths == ["max"]
+
+
+VARIANT_FLAGS = {"AVX-512": ("-mavx512f",), "AVX2": ("-mavx2", "-mfma"), "x86-64": ()}
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the variants are x86-64's")
+def test_every_variant_rounds_alike(one_thread):
+    """The AVX-512, AVX2 and plain builds give the same bits, entries, sums and counts, as the loaded one."""
+    generator = torch.Generator().manual_seed(9)
+    block = torch.empty(75, 41).uniform_(-110.0, 60.0, generator=generator)
+    row_scale = torch.empty(75).uniform_(0.5, 1.5, generator=generator)
+    grad, centers = torch.randn(9, 70, generator=generator), torch.randn(9, 70, generator=generator)
+    squared_inverse_norms = torch.rand(9, generator=generator)
+
+    def run(library) -> list[torch.Tensor]:
+        out, totals, positive_logits, scratch = block.clone(), torch.zeros(3, 41), torch.empty(2), torch.empty(41)
+        positives = torch.tensor([3, 41 * 70 + 5])
+        library.pfc_exp_chunk(
+            out.data_ptr(), 75, 41, row_scale.data_ptr(), 24.0, 50.0, positives.data_ptr(), 2,
+            positive_logits.data_ptr(), *(t.data_ptr() for t in totals), scratch.data_ptr(),
+        )  # fmt: skip
+        projected = grad.clone()
+        library.pfc_remove_radial(projected.data_ptr(), centers.data_ptr(), 9, 70, squared_inverse_norms.data_ptr())
+        return [out, totals, positive_logits, projected]
+
+    loaded = run(softmax_kernels._library())
+    assert loaded[1][1].sum() > 0 and loaded[1][2].sum() > 0  # some filtered, some flushed
+    for name, flags in VARIANT_FLAGS.items():
+        variant = softmax_kernels.build_library(("-DPFC_ONE_VARIANT", *flags))
+        assert variant is not None, name
+        for got, want in zip(run(variant), loaded):
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), name
