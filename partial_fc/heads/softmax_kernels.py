@@ -1,9 +1,9 @@
 """The sharded softmax's element-wise passes over a chunk as single C passes (softmax_kernels.c), on a CPU.
 
 `exponentiate_chunk` does in one pass, while a chunk of logits is still in cache after its product, what torch's
-ops do in six passes over the whole [S, B] buffer (scale the rows, row maxima, shift, exponential, sums,
-filtering), and its exponential has no slow path: torch 2.13's CPU exp runs 15-45x slower on inputs whose
-result underflows (below -87), as the far negatives of a trained model and filtered entries (-inf) do.
+ops do in six (scale the rows, row maxima, shift, exponential, sums, filtering; the last four in a second loop
+over the whole [S, B] buffer), and its exponential has no slow path: torch 2.13's CPU exp runs 15-45x slower on
+inputs whose result underflows (below -87), as the far negatives of a trained model and filtered entries do.
 `remove_radial` is backward's projection of the centers' gradient in one pass per row instead of three.
 They run where they apply (one torch thread, float32, contiguous CPU tensors); `PARTIAL_FC_NATIVE_SOFTMAX=0`
 or no C compiler leaves torch's ops to do the work.
