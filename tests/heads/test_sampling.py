@@ -5,7 +5,7 @@ import torch
 
 from partial_fc.heads import ArcFace, PartialFC, SparseSGD
 from partial_fc.heads.partial_fc import _rank_seed
-from partial_fc.heads.sampling import sample_centers
+from partial_fc.heads.sampling import rows_of_largest, sample_centers
 from tests.numerics import relative_error
 from tests.reference import reference_loss
 
@@ -49,6 +49,30 @@ def test_negatives_are_uniform():
     expected = draws * 5 / 45
     chi2 = ((negatives - expected) ** 2 / expected).sum().item()
     assert chi2 < CHI2_44_P999, chi2
+
+
+def rows_of_largest_by_full_topk(scores: torch.Tensor, count: int) -> torch.Tensor:
+    return scores.topk(count, sorted=False).indices.sort().values
+
+
+@pytest.mark.parametrize(
+    ("total", "count", "spread"),
+    [
+        (500_000, 50_000, 1.0),  # the 1M-class benchmark's shard at r = 0.1
+        (1000, 7, 1.0),
+        (1000, 990, 1.0),  # the cutoff falls below 0: every row is a candidate
+        (100_000, 10_000, 0.5),  # too few scores pass the cutoff: the top-k over all rows
+    ],
+)
+def test_the_rows_of_the_largest_scores_are_those_of_a_full_topk(total, count, spread):
+    generator = torch.Generator().manual_seed(total + count)
+    scores = torch.rand(total, generator=generator) * spread
+    scores[torch.randperm(total, generator=generator)[: count // 3]] = 2.0  # forced rows, as the positives
+    rows = rows_of_largest(scores, count)
+    assert rows.numel() == count and bool((rows[1:] > rows[:-1]).all())  # ascending, no repeats
+    # the same scores as a full top-k's rows (at a tie on the smallest kept score either row may be taken)
+    expected = rows_of_largest_by_full_topk(scores, count)
+    assert torch.equal(scores[rows].sort().values, scores[expected].sort().values)
 
 
 def test_ranks_draw_from_different_streams():
